@@ -1,0 +1,432 @@
+//! Directives and the per-server configuration.
+
+use core::ffi::{c_char, c_void};
+use core::mem::offset_of;
+use core::ptr;
+use std::sync::Arc;
+
+use nginx_sys::{
+    ngx_command_t, ngx_conf_enum_t, ngx_conf_full_name, ngx_conf_set_enum_slot,
+    ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_str_slot, ngx_conf_t, ngx_flag_t,
+    ngx_http_core_srv_conf_t, ngx_msec_t, ngx_parse_size, ngx_shared_memory_add, ngx_shm_zone_t,
+    ngx_str_t, ngx_uint_t, NGX_CONF_FLAG, NGX_CONF_TAKE1, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF,
+    NGX_HTTP_SRV_CONF_OFFSET, NGX_LOG_EMERG,
+};
+use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::http::{HttpModuleServerConf, NgxHttpCoreModule};
+use ngx::{ngx_conf_log_error, ngx_string};
+use sni_guard_core::lookup::{Client, ClientOptions, LookupUrl};
+use sni_guard_core::policy::Times;
+
+use crate::zone::{self, ZoneCtx};
+use crate::Module;
+
+const NGX_CONF_UNSET: ngx_flag_t = -1;
+const NGX_CONF_UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
+const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
+
+/// Reply bodies longer than this are a lookup error.
+const MAX_REPLY_BODY: usize = 16 * 1024;
+
+/// What to do with a handshake that carries no server name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoSni {
+    Allow = 0,
+    Refuse = 1,
+}
+
+/// Configuration of one `server {}` block (and of the `http {}` level it inherits from).
+pub struct SrvConf {
+    pub enable: ngx_flag_t,
+    pub timeout: ngx_msec_t,
+    pub valid: ngx_msec_t,
+    pub invalid: ngx_msec_t,
+    pub no_sni: ngx_uint_t,
+    pub zone: *mut ngx_shm_zone_t,
+
+    /// `sni_guard_lookup`, with the addresses its host resolved to at configuration time.
+    pub lookup: Option<(LookupUrl, Vec<std::net::SocketAddr>)>,
+    pub trusted_certificate: ngx_str_t,
+    /// The client for `lookup`, shared by every server that inherits the same settings.
+    pub client: Option<Arc<Client>>,
+}
+
+impl Default for SrvConf {
+    fn default() -> Self {
+        SrvConf {
+            enable: NGX_CONF_UNSET,
+            timeout: NGX_CONF_UNSET_MSEC,
+            valid: NGX_CONF_UNSET_MSEC,
+            invalid: NGX_CONF_UNSET_MSEC,
+            no_sni: NGX_CONF_UNSET_UINT,
+            zone: ptr::null_mut(),
+            lookup: None,
+            trusted_certificate: ngx_str_t::empty(),
+            client: None,
+        }
+    }
+}
+
+impl SrvConf {
+    pub fn enabled(&self) -> bool {
+        self.enable == 1
+    }
+
+    pub fn times(&self) -> Times {
+        Times { valid: self.valid as u64, invalid: self.invalid as u64 }
+    }
+
+    pub fn no_sni(&self) -> NoSni {
+        if self.no_sni == NoSni::Refuse as ngx_uint_t {
+            NoSni::Refuse
+        } else {
+            NoSni::Allow
+        }
+    }
+}
+
+static mut NO_SNI_VALUES: [ngx_conf_enum_t; 3] = [
+    ngx_conf_enum_t { name: ngx_string!("allow"), value: NoSni::Allow as ngx_uint_t },
+    ngx_conf_enum_t { name: ngx_string!("refuse"), value: NoSni::Refuse as ngx_uint_t },
+    ngx_conf_enum_t { name: ngx_str_t::empty(), value: 0 },
+];
+
+const HTTP_SRV: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF) as ngx_uint_t;
+
+pub static mut COMMANDS: [ngx_command_t; 9] = [
+    ngx_command_t {
+        name: ngx_string!("sni_guard"),
+        type_: HTTP_SRV | NGX_CONF_FLAG as ngx_uint_t,
+        set: Some(ngx_conf_set_flag_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, enable),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_lookup"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(cmd_set_lookup),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_lookup_trusted_certificate"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_conf_set_str_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, trusted_certificate),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_zone"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(cmd_set_zone),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_timeout"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_conf_set_msec_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, timeout),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_valid"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_conf_set_msec_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, valid),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_invalid"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_conf_set_msec_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, invalid),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_no_sni"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_conf_set_enum_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, no_sni),
+        post: ptr::addr_of_mut!(NO_SNI_VALUES) as *mut c_void,
+    },
+    ngx_command_t::empty(),
+];
+
+pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    // SAFETY: nginx passes a valid configuration context; the pool outlives the configuration
+    // and drops the value when it is destroyed.
+    let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
+    pool.allocate(SrvConf::default()).cast()
+}
+
+pub unsafe extern "C" fn merge_srv_conf(
+    cf: *mut ngx_conf_t,
+    parent: *mut c_void,
+    child: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the configurations `create_srv_conf` made, one level apart.
+    let (prev, conf) = unsafe { (&mut *parent.cast::<SrvConf>(), &mut *child.cast::<SrvConf>()) };
+
+    merge(conf, prev);
+
+    if !conf.enabled() {
+        return NGX_CONF_OK;
+    }
+
+    // SAFETY: during merging, `cf->ctx` is the context of the server being merged.
+    let Some(cscf) = (unsafe { NgxHttpCoreModule::server_conf(&*cf) }) else {
+        return NGX_CONF_ERROR;
+    };
+
+    match finish(cf, conf, prev) {
+        Ok(()) => NGX_CONF_OK,
+        Err(what) => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "{what} for \"sni_guard\" in {}:{}",
+                file_name(cscf),
+                cscf.line
+            );
+            NGX_CONF_ERROR
+        }
+    }
+}
+
+fn merge(conf: &mut SrvConf, prev: &SrvConf) {
+    fn value<T: Copy + PartialEq>(v: &mut T, prev: T, unset: T, default: T) {
+        if *v == unset {
+            *v = if prev == unset { default } else { prev };
+        }
+    }
+
+    value(&mut conf.enable, prev.enable, NGX_CONF_UNSET, 0);
+    value(&mut conf.timeout, prev.timeout, NGX_CONF_UNSET_MSEC, 500);
+    value(&mut conf.valid, prev.valid, NGX_CONF_UNSET_MSEC, 10 * 60 * 1000);
+    value(&mut conf.invalid, prev.invalid, NGX_CONF_UNSET_MSEC, 60 * 1000);
+    value(&mut conf.no_sni, prev.no_sni, NGX_CONF_UNSET_UINT, NoSni::Allow as ngx_uint_t);
+
+    if conf.zone.is_null() {
+        conf.zone = prev.zone;
+    }
+    if conf.trusted_certificate.data.is_null() {
+        conf.trusted_certificate = prev.trusted_certificate;
+    }
+}
+
+/// Checks a server where the guard is on and builds its lookup client.
+fn finish(cf: *mut ngx_conf_t, conf: &mut SrvConf, prev: &mut SrvConf) -> Result<(), String> {
+    if conf.timeout == 0 {
+        return Err("\"sni_guard_timeout\" must be more than 0".into());
+    }
+
+    let Some(zone) = (unsafe { conf.zone.as_mut() }) else {
+        return Err("no \"sni_guard_zone\" is defined".into());
+    };
+
+    // A server with its own lookup or certificate gets its own client; servers that inherit
+    // both from the http level share one, and so share its keep-alive connection.
+    let inherits = conf.lookup.is_none() && conf.trusted_certificate == prev.trusted_certificate;
+
+    if conf.lookup.is_none() {
+        conf.lookup.clone_from(&prev.lookup);
+    }
+
+    let Some((url, addrs)) = conf.lookup.clone() else {
+        return Err("no \"sni_guard_lookup\" is defined".into());
+    };
+
+    // SAFETY: the zone was added by `cmd_set_zone`, which set `data` to its context.
+    let ctx = unsafe { &mut *zone.data.cast::<ZoneCtx>() };
+    if let Some(other) = &ctx.url {
+        if other.as_str() != url.as_str() {
+            return Err(format!(
+                "zone \"{}\" is already used with lookup \"{other}\"; \
+                 a zone caches the answers of one lookup service, so \"{url}\" needs its own zone",
+                ctx.name
+            ));
+        }
+    }
+    ctx.url = Some(url.clone());
+
+    if inherits {
+        if let Some(client) = &prev.client {
+            conf.client = Some(client.clone());
+            return Ok(());
+        }
+    }
+
+    let client = Arc::new(build_client(cf, url, addrs, conf.trusted_certificate)?);
+
+    if inherits {
+        prev.client = Some(client.clone());
+    }
+    conf.client = Some(client);
+
+    Ok(())
+}
+
+fn build_client(
+    cf: *mut ngx_conf_t,
+    url: LookupUrl,
+    addrs: Vec<std::net::SocketAddr>,
+    mut certificate: ngx_str_t,
+) -> Result<Client, String> {
+    let trusted_ca_pem = if certificate.is_empty() {
+        None
+    } else {
+        // SAFETY: `cf->cycle` is the cycle being configured; the name is allocated in its pool.
+        if unsafe { ngx_conf_full_name((*cf).cycle, &mut certificate, 1) } != 0 {
+            return Err("could not resolve \"sni_guard_lookup_trusted_certificate\"".into());
+        }
+        let path = String::from_utf8_lossy(certificate.as_bytes()).into_owned();
+        let pem =
+            std::fs::read(&path).map_err(|e| format!("cannot load certificate \"{path}\": {e}"))?;
+        Some(pem)
+    };
+
+    let opts = ClientOptions {
+        trusted_ca_pem,
+        max_body: MAX_REPLY_BODY,
+        user_agent: concat!("nginx-sni-guard/", env!("CARGO_PKG_VERSION")).into(),
+    };
+
+    Client::new(url, addrs, opts).map_err(|e| format!("invalid lookup client settings: {e}"))
+}
+
+extern "C" fn cmd_set_lookup(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the server configuration and the directive's two words.
+    let (conf, value) = unsafe { (&mut *conf.cast::<SrvConf>(), arg(cf, 1)) };
+
+    if conf.lookup.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+
+    let text = String::from_utf8_lossy(value.as_bytes());
+
+    let url = match LookupUrl::parse(&text) {
+        Ok(url) => url,
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid URL \"{text}\": {e}");
+            return NGX_CONF_ERROR;
+        }
+    };
+
+    let addrs = match url.resolve() {
+        Ok(addrs) if !addrs.is_empty() => addrs,
+        Ok(_) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "host not found in \"{text}\"");
+            return NGX_CONF_ERROR;
+        }
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "host not found in \"{text}\": {e}");
+            return NGX_CONF_ERROR;
+        }
+    };
+
+    conf.lookup = Some((url, addrs));
+    NGX_CONF_OK
+}
+
+extern "C" fn cmd_set_zone(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the server configuration and the directive's two words.
+    let (conf, value) = unsafe { (&mut *conf.cast::<SrvConf>(), arg(cf, 1)) };
+
+    if !conf.zone.is_null() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+
+    let bytes = value.as_bytes();
+    let Some(colon) = bytes.iter().rposition(|&b| b == b':').filter(|&i| i > 0) else {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid zone \"{value}\", expected NAME:SIZE");
+        return NGX_CONF_ERROR;
+    };
+
+    let mut name = ngx_str_t { len: colon, data: value.data };
+    let mut size_text =
+        ngx_str_t { len: value.len - colon - 1, data: unsafe { value.data.add(colon + 1) } };
+
+    // SAFETY: `size_text` points into the directive's argument.
+    let size = unsafe { ngx_parse_size(&mut size_text) };
+    if size == -1 {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid zone size \"{value}\"");
+        return NGX_CONF_ERROR;
+    }
+    let size = size as usize;
+
+    if size < zone::MIN_SIZE {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "zone \"{name}\" is too small");
+        return NGX_CONF_ERROR;
+    }
+    if size > zone::MAX_SIZE {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "zone \"{name}\" is too large");
+        return NGX_CONF_ERROR;
+    }
+
+    // SAFETY: the tag is the module's address, as nginx's own modules use; the zone is checked
+    // for a different use or size by nginx itself.
+    let shm_zone = unsafe {
+        ngx_shared_memory_add(
+            cf,
+            &mut name,
+            size,
+            ptr::addr_of_mut!(crate::ngx_http_sni_guard_module).cast(),
+        )
+    };
+    let Some(shm_zone) = (unsafe { shm_zone.as_mut() }) else {
+        return NGX_CONF_ERROR;
+    };
+
+    if shm_zone.data.is_null() {
+        // SAFETY: the configuration pool lives as long as the zone's configuration.
+        let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
+        let ctx = pool.allocate(ZoneCtx::new(&name));
+        if ctx.is_null() {
+            return NGX_CONF_ERROR;
+        }
+        shm_zone.data = ctx.cast();
+        shm_zone.init = Some(zone::init);
+    }
+
+    conf.zone = shm_zone;
+    NGX_CONF_OK
+}
+
+/// The `n`th word of the directive being parsed.
+///
+/// # Safety
+///
+/// `cf` must be the context of a directive handler whose directive has more than `n` words.
+unsafe fn arg(cf: *mut ngx_conf_t, n: usize) -> ngx_str_t {
+    unsafe { (*(*cf).args).as_slice::<ngx_str_t>()[n] }
+}
+
+fn file_name(cscf: &ngx_http_core_srv_conf_t) -> String {
+    // SAFETY: nginx records the file a server block was defined in as a NUL-terminated string.
+    if cscf.file_name.is_null() {
+        return String::new();
+    }
+    unsafe { core::ffi::CStr::from_ptr(cscf.file_name.cast()) }.to_string_lossy().into_owned()
+}
+
+/// Server configuration of the server a core server configuration belongs to.
+pub fn of_server(cscf: &ngx_http_core_srv_conf_t) -> Option<&'static SrvConf> {
+    Module::server_conf(cscf)
+}
