@@ -321,7 +321,7 @@ pub fn normalise(raw: &[u8]) -> Result<Name, Invalid> {
 }
 
 /// The key nginx looks a raw SNI up under when it picks the virtual server, or `None` when
-/// nginx would decline the name (and fail the handshake itself).
+/// nginx would decline the name and stay with the default server of the address.
 ///
 /// This repeats what nginx's host validation does to the SNI, so the module knows which
 /// `server {}` block a name will land in before nginx has chosen: a port suffix after `:` is

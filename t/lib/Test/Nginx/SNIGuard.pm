@@ -21,6 +21,7 @@ our $VERSION = '0.01';
 our @EXPORT_OK = qw(
     sni_ext client_hello alert_name tls_get
     lookup_daemon lookup_conf lookups lookup_count lookup_log lookup_conns lookup_clear
+    make_cert
 );
 our %EXPORT_TAGS = (all => \@EXPORT_OK);
 
@@ -97,6 +98,33 @@ my %MODE_ARG = (
     redirect  => undef,
     reset     => undef,
 );
+
+###############################################################################
+# Certificates
+
+# Writes "$dir/$name.crt" and "$dir/$name.key": a certificate for $name (also its
+# subjectAltName, as clients that ignore the common name require) signed by a
+# test CA, "$dir/ca.crt", made on first use.  Returns nothing; dies on failure.
+sub make_cert ($dir, $name) {
+    my $run = sub ($cmd) {
+        system("$cmd >>$dir/openssl.log 2>&1") == 0
+            or croak "openssl failed, see $dir/openssl.log: $cmd";
+    };
+
+    if (!-e "$dir/ca.crt") {
+        $run->("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=sni-guard-test-ca "
+            . "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign "
+            . "-keyout $dir/ca.key -out $dir/ca.crt");
+    }
+
+    _write_atomic("$dir/$name.ext", "subjectAltName=DNS:$name\n"
+        . "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n");
+    $run->("openssl req -newkey rsa:2048 -nodes -subj /CN=$name "
+        . "-keyout $dir/$name.key -out $dir/$name.csr");
+    $run->("openssl x509 -req -in $dir/$name.csr -CA $dir/ca.crt -CAkey $dir/ca.key "
+        . "-CAcreateserial -days 2 -extfile $dir/$name.ext -out $dir/$name.crt");
+    return;
+}
 
 ###############################################################################
 # Raw ClientHello probe
@@ -891,6 +919,14 @@ resumption OpenSSL's SSL_get_servername() on the server returns the name
 stored in the session, not the one just sent, so a check made in the
 servername callback (nginx's own, e.g. ssl_reject_handshake) does not see the
 new name; the self-test shows this.
+
+=head1 CERTIFICATES
+
+=head2 make_cert($dir, $name)
+
+Writes F<$dir/$name.crt> and F<$dir/$name.key>, a certificate for C<$name> with a
+matching subjectAltName, signed by a test CA in F<$dir/ca.crt> (made on first
+use). Dies if openssl fails; its output is in F<$dir/openssl.log>.
 
 =head1 LOOKUP SERVICE
 
