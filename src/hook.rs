@@ -66,6 +66,17 @@ pub unsafe extern "C" fn install(cf: *mut ngx_conf_t) -> ngx_int_t {
         return Status::NGX_OK.into();
     }
 
+    // nginx 1.29.2 and later select the server in a ClientHello callback of their own, which
+    // this one would replace; the module does not chain to it yet.
+    if cfg!(ngx_client_hello_cb) {
+        ngx::ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "\"sni_guard\" does not support nginx 1.29.2 and later yet"
+        );
+        return Status::NGX_ERROR.into();
+    }
+
     if decision_index().is_none() {
         ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "sni_guard: no SSL ex_data index available");
         return Status::NGX_ERROR.into();
