@@ -14,7 +14,7 @@ use nginx_sys::{
 };
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::http::{HttpModuleServerConf, NgxHttpCoreModule};
-use ngx::{ngx_conf_log_error, ngx_string};
+use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
 use sni_guard_core::lookup::{Client, ClientOptions, LookupUrl};
 use sni_guard_core::policy::Times;
 
@@ -190,9 +190,11 @@ pub unsafe extern "C" fn merge_srv_conf(
     match finish(cf, conf, prev) {
         Ok(()) => NGX_CONF_OK,
         Err(what) => {
-            ngx_conf_log_error!(
+            // The parse position is the end of the http block by now: name the server instead.
+            // SAFETY: `cf->log` is the configuration log while nginx merges.
+            ngx_log_error!(
                 NGX_LOG_EMERG,
-                cf,
+                unsafe { (*cf).log },
                 "{what} for \"sni_guard\" in {}:{}",
                 file_name(cscf),
                 cscf.line
@@ -248,7 +250,7 @@ fn finish(cf: *mut ngx_conf_t, conf: &mut SrvConf, prev: &mut SrvConf) -> Result
     // SAFETY: the zone was added by `cmd_set_zone`, which set `data` to its context.
     let ctx = unsafe { &mut *zone.data.cast::<ZoneCtx>() };
     if let Some(other) = &ctx.url {
-        if other.as_str() != url.as_str() {
+        if !same_service(other, &url) {
             return Err(format!(
                 "zone \"{}\" is already used with lookup \"{other}\"; \
                  a zone caches the answers of one lookup service, so \"{url}\" needs its own zone",
@@ -275,23 +277,35 @@ fn finish(cf: *mut ngx_conf_t, conf: &mut SrvConf, prev: &mut SrvConf) -> Result
     Ok(())
 }
 
+/// Whether two lookup URLs name the same service and request, whatever their spelling.
+fn same_service(a: &LookupUrl, b: &LookupUrl) -> bool {
+    a.scheme() == b.scheme()
+        && a.host().eq_ignore_ascii_case(b.host())
+        && a.port() == b.port()
+        && a.path_and_query() == b.path_and_query()
+}
+
 fn build_client(
     cf: *mut ngx_conf_t,
     url: LookupUrl,
     addrs: Vec<std::net::SocketAddr>,
     mut certificate: ngx_str_t,
 ) -> Result<Client, String> {
-    let trusted_ca_pem = if certificate.is_empty() {
-        None
+    let (path, trusted_ca_pem) = if certificate.is_empty() {
+        (None, None)
     } else {
         // SAFETY: `cf->cycle` is the cycle being configured; the name is allocated in its pool.
         if unsafe { ngx_conf_full_name((*cf).cycle, &mut certificate, 1) } != 0 {
             return Err("could not resolve \"sni_guard_lookup_trusted_certificate\"".into());
         }
         let path = String::from_utf8_lossy(certificate.as_bytes()).into_owned();
-        let pem =
-            std::fs::read(&path).map_err(|e| format!("cannot load certificate \"{path}\": {e}"))?;
-        Some(pem)
+        let pem = std::fs::read(&path).map_err(|e| {
+            format!(
+                "cannot load \"sni_guard_lookup_trusted_certificate\" \"{path}\" {}",
+                os_error(&e)
+            )
+        })?;
+        (Some(path), Some(pem))
     };
 
     let opts = ClientOptions {
@@ -300,7 +314,12 @@ fn build_client(
         user_agent: concat!("nginx-sni-guard/", env!("CARGO_PKG_VERSION")).into(),
     };
 
-    Client::new(url, addrs, opts).map_err(|e| format!("invalid lookup client settings: {e}"))
+    Client::new(url, addrs, opts).map_err(|e| match path {
+        Some(path) => {
+            format!("invalid \"sni_guard_lookup_trusted_certificate\" \"{path}\": {e}")
+        }
+        None => format!("unusable \"sni_guard_lookup\": {e}"),
+    })
 }
 
 extern "C" fn cmd_set_lookup(
@@ -354,7 +373,7 @@ extern "C" fn cmd_set_zone(
     }
 
     let bytes = value.as_bytes();
-    let Some(colon) = bytes.iter().rposition(|&b| b == b':').filter(|&i| i > 0) else {
+    let Some(colon) = bytes.iter().position(|&b| b == b':').filter(|&i| i > 0) else {
         ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid zone \"{value}\", expected NAME:SIZE");
         return NGX_CONF_ERROR;
     };
@@ -407,6 +426,15 @@ extern "C" fn cmd_set_zone(
 
     conf.zone = shm_zone;
     NGX_CONF_OK
+}
+
+/// An I/O error the way nginx prints one: "(2: No such file or directory)".
+fn os_error(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match e.raw_os_error() {
+        Some(n) => format!("({n}: {})", text.split(" (os error").next().unwrap_or(&text)),
+        None => format!("({text})"),
+    }
 }
 
 /// The `n`th word of the directive being parsed.

@@ -1,0 +1,381 @@
+#!/usr/bin/perl
+
+# Tests for sni_guard: configurations that nginx -t must refuse, each with an
+# [emerg] message that says what is wrong and where, and configurations it must
+# accept, nginx-conf/demo.conf among them.  Every row of @cases is one
+# configuration file, tested with nginx -t; nginx itself is never started.
+
+###############################################################################
+
+use warnings;
+use strict;
+
+use Test::More;
+
+use POSIX ();
+
+BEGIN { use FindBin; chdir($FindBin::Bin); }
+
+use lib 'lib';
+use Test::Nginx;
+use Test::Nginx::SNIGuard qw/ make_cert /;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+my $t = Test::Nginx->new()->has(qw/http http_ssl/)->has_daemon('openssl');
+
+# Where a row's snippets go; each place is one line of the template below, marked
+# with "# @place" so that its line number can be found after the harness has
+# expanded %%TEST_GLOBALS%%.  The -block places are the lines of the two
+# "server {" openings, where nginx records a server's location.
+my @places = qw/ main http server location server2 /;
+
+my $template = <<'EOF';
+
+%%TEST_GLOBALS%%
+
+@main@ # @main
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    ssl_certificate     localhost.crt;
+    ssl_certificate_key localhost.key;
+
+    @http@ # @http
+
+    server { # @server-block
+        listen       127.0.0.1:%%PORT_8443%% ssl;
+        server_name  localhost;
+
+        @server@ # @server
+
+        location / {
+            @location@ # @location
+            return 204;
+        }
+    }
+
+    server { # @server2-block
+        listen       127.0.0.1:%%PORT_8443%% ssl;
+        server_name  other.example;
+
+        @server2@ # @server2
+    }
+}
+
+EOF
+
+my $lookup = 'http://127.0.0.1:%%PORT_8081%%/check';
+my $ready = "sni_guard_zone guard:1m; sni_guard_lookup $lookup;";
+
+# A host name no resolver can be asked about: glibc refuses a label over 63
+# bytes before it sends a query, so this fails without leaving the machine.
+my $unresolvable = ('a' x 64) . '.invalid';
+
+# Rows: [ places joined by "+", snippet (array ref for several places), expected
+# [emerg] message or undef when nginx -t must pass, what the case is ].  In the
+# message, @dir is the test directory and @place the file and line of that place
+# of the template; the message must end there, as nginx's own messages do.
+my @cases = (
+
+	# sni_guard
+
+	[ 'server', 'sni_guard maybe;',
+		'invalid value "maybe" in "sni_guard" directive, it must be "on" or "off"'
+		. ' in @server',
+		'sni_guard maybe' ],
+	[ 'server', 'sni_guard on on;',
+		'invalid number of arguments in "sni_guard" directive in @server',
+		'sni_guard with two values' ],
+	[ 'location', 'sni_guard on;',
+		'"sni_guard" directive is not allowed here in @location',
+		'sni_guard in a location' ],
+	[ 'main', 'sni_guard on;',
+		'"sni_guard" directive is not allowed here in @main',
+		'sni_guard outside http' ],
+
+	# times
+
+	[ 'server', 'sni_guard_timeout abc;',
+		'"sni_guard_timeout" directive invalid value in @server',
+		'sni_guard_timeout abc' ],
+	[ 'server', 'sni_guard_valid -1;',
+		'"sni_guard_valid" directive invalid value in @server',
+		'sni_guard_valid -1' ],
+	[ 'server', 'sni_guard_invalid 10x;',
+		'"sni_guard_invalid" directive invalid value in @server',
+		'sni_guard_invalid 10x' ],
+	[ 'server', "sni_guard on; $ready sni_guard_timeout 0;",
+		'"sni_guard_timeout" must be more than 0 for "sni_guard" in @server-block',
+		'sni_guard_timeout 0 with the guard on' ],
+
+	# sni_guard_zone
+
+	[ 'http', 'sni_guard_zone guard;',
+		'invalid zone "guard", expected NAME:SIZE in @http',
+		'zone without a size' ],
+	[ 'http', 'sni_guard_zone :1m;',
+		'invalid zone ":1m", expected NAME:SIZE in @http',
+		'zone without a name' ],
+	[ 'http', 'sni_guard_zone guard:abc;',
+		'invalid zone size "guard:abc" in @http',
+		'zone size abc' ],
+	[ 'http', 'sni_guard_zone guard:1k;',
+		'zone "guard" is too small in @http',
+		'zone of 1k' ],
+	[ 'http', 'sni_guard_zone guard:1m; sni_guard_zone guard:1m;',
+		'"sni_guard_zone" directive is duplicate in @http',
+		'zone twice in one context' ],
+	[ 'http+server', [ 'sni_guard_zone guard:1m;', 'sni_guard_zone guard:2m;' ],
+		'the size 2097152 of shared memory zone "guard" conflicts with already'
+		. ' declared size 1048576 in @server',
+		'one zone name with two sizes' ],
+	[ 'http', 'limit_req_zone $binary_remote_addr zone=guard:1m rate=1r/s;'
+		. ' sni_guard_zone guard:1m;',
+		'the shared memory zone "guard" is already declared for a different use'
+		. ' in @http',
+		'zone name taken by limit_req_zone' ],
+	[ 'location', 'sni_guard_zone guard:1m;',
+		'"sni_guard_zone" directive is not allowed here in @location',
+		'sni_guard_zone in a location' ],
+
+	# sni_guard_lookup
+
+	[ 'http', 'sni_guard_lookup ftp://x/;',
+		'invalid URL "ftp://x/": unsupported url scheme "ftp" in @http',
+		'lookup with the ftp scheme' ],
+	[ 'http', 'sni_guard_lookup http://;',
+		'invalid URL "http://": url has no host in @http',
+		'lookup without a host' ],
+	[ 'http', 'sni_guard_lookup http://user@h/;',
+		'invalid URL "http://user@h/": user info in url is not allowed in @http',
+		'lookup with user info' ],
+	[ 'http', 'sni_guard_lookup http://h:99999/;',
+		'invalid URL "http://h:99999/": bad port in url in @http',
+		'lookup with port 99999' ],
+	[ 'http', 'sni_guard_lookup http://h/#frag;',
+		'invalid URL "http://h/#frag": fragment in url is not allowed in @http',
+		'lookup with a fragment' ],
+	[ 'http', "sni_guard_lookup http://$unresolvable/;",
+		"host not found in \"http://\Q$unresolvable\E/\": .* in \@http",
+		'lookup host that does not resolve' ],
+	[ 'http', "sni_guard_lookup $lookup; sni_guard_lookup $lookup;",
+		'"sni_guard_lookup" directive is duplicate in @http',
+		'lookup twice in one context' ],
+
+	# what a server with the guard on needs
+
+	[ 'server', "sni_guard on; sni_guard_lookup $lookup;",
+		'no "sni_guard_zone" is defined for "sni_guard" in @server-block',
+		'guard on, no zone anywhere' ],
+	[ 'server', 'sni_guard on; sni_guard_zone guard:1m;',
+		'no "sni_guard_lookup" is defined for "sni_guard" in @server-block',
+		'guard on, no lookup anywhere' ],
+	[ 'http', "sni_guard on; sni_guard_lookup $lookup;",
+		'no "sni_guard_zone" is defined for "sni_guard" in @server-block',
+		'guard on at http level, no zone: reported for the first server' ],
+	[ 'http+server+server2', [ 'sni_guard on; sni_guard_zone guard:1m;',
+			'sni_guard_lookup http://127.0.0.1:%%PORT_8081%%/a;',
+			'sni_guard_lookup http://127.0.0.1:%%PORT_8082%%/b;' ],
+		'zone "guard" is already used with lookup "http://127\.0\.0\.1:\d+/a";'
+		. ' .*"http://127\.0\.0\.1:\d+/b".* for "sni_guard" in @server2-block',
+		'one http-level zone, two lookups' ],
+
+	# sni_guard_no_sni
+
+	[ 'server', 'sni_guard_no_sni maybe;',
+		'invalid value "maybe" in @server',
+		'sni_guard_no_sni maybe' ],
+
+	# sni_guard_lookup_trusted_certificate
+
+	[ 'server', "sni_guard on; $ready sni_guard_lookup_trusted_certificate missing.pem;",
+		'cannot load "sni_guard_lookup_trusted_certificate" "@dir/missing\.pem"'
+		. ' \(2: No such file or directory\) for "sni_guard" in @server-block',
+		'trusted certificate file missing' ],
+	[ 'server', "sni_guard on; $ready sni_guard_lookup_trusted_certificate text.pem;",
+		'(?=.*@dir/text\.pem).*no certificate.* for "sni_guard" in @server-block',
+		'trusted certificate file with no PEM block' ],
+	[ 'server', "sni_guard on; $ready sni_guard_lookup_trusted_certificate key.pem;",
+		'(?=.*@dir/key\.pem).*private key.* for "sni_guard" in @server-block',
+		'trusted certificate file with a private key only' ],
+
+	# accepted
+
+	[ 'server', "sni_guard on; sni_guard_zone guard:1m;"
+		. " sni_guard_lookup https://127.0.0.1:%%PORT_8081%%/check?key=1;"
+		. " sni_guard_lookup_trusted_certificate ca.crt; sni_guard_timeout 2s;"
+		. " sni_guard_valid 5m; sni_guard_invalid 30s; sni_guard_no_sni refuse;",
+		undef,
+		'guard on, every directive in the server' ],
+	[ 'http+server', [ "sni_guard on; sni_guard_zone guard:1m;"
+			. " sni_guard_lookup https://127.0.0.1:%%PORT_8081%%/check;"
+			. " sni_guard_lookup_trusted_certificate ca.crt; sni_guard_timeout 2s;"
+			. " sni_guard_valid 5m; sni_guard_invalid 30s; sni_guard_no_sni refuse;",
+			"sni_guard on; sni_guard_zone other:32k;"
+			. " sni_guard_lookup http://127.0.0.1:%%PORT_8082%%/other;"
+			. " sni_guard_lookup_trusted_certificate demo.crt;"
+			. " sni_guard_timeout 100ms; sni_guard_valid 1h; sni_guard_invalid 0;"
+			. " sni_guard_no_sni allow;" ],
+		undef,
+		'every directive at http level, overridden in one server' ],
+	[ 'http+server+server2', [ 'sni_guard on; sni_guard_zone guard:1m;',
+			"sni_guard_lookup $lookup;", "sni_guard_lookup $lookup;" ],
+		undef,
+		'one http-level zone, the same lookup in two servers' ],
+	[ 'http+server', [ "$ready sni_guard_timeout 0; sni_guard_no_sni refuse;"
+			. " sni_guard_lookup_trusted_certificate ca.crt;", 'sni_guard off;' ],
+		undef,
+		'guard off everywhere, other directives present' ],
+	[ 'server', 'sni_guard off;',
+		undef,
+		'sni_guard off without zone or lookup' ],
+);
+
+my $d = $t->testdir();
+make_cert($d, 'localhost');
+make_cert($d, 'demo');
+$t->write_file('text.pem', "not a certificate\n");
+$t->write_file('key.pem', $t->read_file('localhost.key'));
+
+$t->plan(2 * @cases + 2);
+
+###############################################################################
+
+my $nginx = $ENV{TEST_NGINX_BINARY};
+{
+	no warnings 'once';    # set by the nginx-tests harness only
+	$nginx //= $Test::Nginx::NGINX // '../nginx/objs/nginx';
+}
+
+# Runs nginx -t on $conf, a file in the test directory, bounded in time; returns
+# "exit N" (or "signal N", "timeout") and what nginx printed.
+sub nginx_t {
+	my ($conf) = @_;
+
+	my $pid = open(my $out, '-|');
+	die "Can't fork: $!\n" unless defined $pid;
+
+	if ($pid == 0) {
+		open STDERR, '>&', \*STDOUT or POSIX::_exit(127);
+		no warnings 'exec';    # the exit below runs only if exec fails
+		exec { $nginx } $nginx, '-t', '-p', "$d/", '-c', $conf, '-e', 'error.log';
+		POSIX::_exit(127);
+	}
+
+	my $text = '';
+	my $done = eval {
+		local $SIG{ALRM} = sub { die "timeout\n" };
+		alarm(20);
+		local $/;
+		$text = <$out> // '';
+		alarm(0);
+		1;
+	};
+	alarm(0);
+
+	if (!$done) {
+		kill 'KILL', $pid;
+		close $out;
+		return ('timeout', $text);
+	}
+
+	close $out;
+	my $status = $? & 127 ? 'signal ' . ($? & 127) : 'exit ' . ($? >> 8);
+	return ($status, $text);
+}
+
+# Writes the configuration of one row; returns the line number of each place.
+# $t is passed in: a named sub that closed over it would keep it alive until
+# global destruction, too late for the harness's closing checks.
+sub write_case {
+	my ($t, $file, $where, $snippet) = @_;
+
+	my @where = split /\+/, $where;
+	my @snippets = ref $snippet ? @$snippet : ($snippet);
+	die "$file: " . @where . " places, " . @snippets . " snippets\n"
+		unless @where == @snippets;
+
+	my %fill = map { $_ => '' } @places;
+	for my $i (0 .. $#where) {
+		die "$file: unknown place $where[$i]\n" unless exists $fill{$where[$i]};
+		$fill{$where[$i]} = $snippets[$i];
+	}
+
+	(my $conf = $template) =~ s/\@(\w+)\@/$fill{$1}/g;
+	$t->write_file_expand($file, $conf);
+
+	my %line;
+	my $n = 0;
+	for (split /\n/, $t->read_file($file)) {
+		$n++;
+		$line{$1} = $n if /# \@([\w-]+)$/;
+	}
+	return \%line;
+}
+
+sub check_fails {
+	my ($file, $expect, $why, $line) = @_;
+
+	my $re = $expect;
+	$re =~ s/\@dir/\Q$d\E/g;
+	$re =~ s/\@([\w-]+)/exists $line->{$1} ? "\Q$d\/$file\E:$line->{$1}" : "\@$1"/ge;
+
+	my ($status, $out) = nginx_t($file);
+	like($status, qr/^exit [1-9]/, "$why: nginx -t fails");
+	like($out, qr/\[emerg\] $re$/m, "$why: says so, where");
+}
+
+sub check_passes {
+	my ($file, $why) = @_;
+
+	my ($status, $out) = nginx_t($file);
+	is($status, 'exit 0', "$why: nginx -t passes");
+	like($out, qr/syntax is ok.*\n.*test is successful/, "$why: syntax ok, test successful");
+}
+
+my ($bad, $good) = (0, 0);
+
+for my $case (@cases) {
+	my ($where, $snippet, $expect, $why) = @$case;
+
+	if (defined $expect) {
+		my $file = 'bad-' . ++$bad . '.conf';
+		check_fails($file, $expect, $why, write_case($t, $file, $where, $snippet));
+
+	} else {
+		my $file = 'good-' . ++$good . '.conf';
+		write_case($t, $file, $where, $snippet);
+		check_passes($file, $why);
+	}
+}
+
+# nginx-conf/demo.conf as scripts/demo fills it in.  The module is loaded from
+# where TEST_NGINX_GLOBALS loads it; without one there, it is built in.
+
+my ($module) = ($ENV{TEST_NGINX_GLOBALS} // '') =~ /\bload_module\s+([^\s;]+)\s*;/;
+
+open my $fh, '<', '../nginx-conf/demo.conf' or die "Can't open nginx-conf/demo.conf: $!";
+my $demo = do { local $/; <$fh> };
+close $fh;
+
+if (defined $module) {
+	$demo =~ s/\@MODULE\@/$module/g;
+} else {
+	$demo =~ s/^\s*load_module\s+\@MODULE\@\s*;\s*$//m;
+}
+$demo =~ s/\@PREFIX\@/$d/g;
+$demo =~ s/\@PORT\@/port(8443)/ge;
+$demo =~ s/\@LOOKUP_PORT\@/port(8081)/ge;
+
+$t->write_file('demo.conf', $demo);
+check_passes('demo.conf', 'nginx-conf/demo.conf');
+
+###############################################################################
