@@ -383,6 +383,150 @@ SKIP: {
     lookup_conf($dir, registered => ['a.example']);
 }
 
+# The same service over TLS, on a port and in a directory of its own.
+SKIP: {
+    skip 'no openssl', 31 if system('sh', '-c', 'command -v openssl >/dev/null 2>&1');
+
+    my $tdir  = tempdir('sniguard-tls-XXXXXX', TMPDIR => 1, CLEANUP => 1);
+    my $tport = free_port();
+    my $turl  = "https://localhost:$tport/check";
+    make_cert($tdir, 'localhost');
+    lookup_conf($tdir, registered => ['a.example'], json => { 'd.example' => '{"ttl": 2}' });
+
+    my $tdaemon = fork() // die "fork: $!";
+    if ($tdaemon == 0) {
+        lookup_daemon($tport, $tdir,
+            tls => { cert => "$tdir/localhost.crt", key => "$tdir/localhost.key" });
+    }
+    $STARTED{$tdaemon} = 'TERM';
+    ok(wait_until(5, sub { -e "$tdir/lookup.pid" }), 'tls: lookup.pid appears');
+
+    my $tls_lines = sub {
+        open(my $fh, '<', "$tdir/lookup.tls") or return ();
+        return <$fh>;
+    };
+
+    # A client that connects and never starts its handshake; checked at the end.
+    my $silent = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $tport) or die;
+    my $silent_since = time();
+
+    # A TLS client of our own: keep-alive and pipelining over one connection.
+    require IO::Socket::SSL;
+    my $before = lookup_conns($tdir);
+    my $s = IO::Socket::SSL->new(
+        PeerAddr => '127.0.0.1', PeerPort => $tport, Timeout => 3,
+        SSL_hostname => 'localhost', SSL_ca_file => "$tdir/ca.crt",
+        SSL_verifycn_name => 'localhost', SSL_verifycn_scheme => 'http',
+    );
+    ok($s, 'tls client: handshake with the test CA and the name localhost')
+        or diag($IO::Socket::SSL::SSL_ERROR);
+    my @answers;
+    if ($s) {
+        syswrite($s, get('/check?domain=a.example'));
+        push @answers, read_response($s);
+        syswrite($s, get('/check?domain=zz.example') . get('/check?domain=a.example'));
+        push @answers, read_response($s), read_response($s);
+        $s->close(SSL_fast_shutdown => 1);
+    }
+    like($answers[0] // '', qr{^HTTP/1\.1 200 .*\r\n\r\nok\z}s, 'tls client: 200 ok');
+    like($answers[1] // '', qr{^HTTP/1\.1 404 }, 'tls client: pipelined, first answer 404');
+    like($answers[2] // '', qr{^HTTP/1\.1 200 }, 'tls client: pipelined, second answer 200');
+    is(lookup_conns($tdir) - $before, 1, 'tls client: three requests, one connection');
+    is_deeply([(lookups($tdir))[-3 .. -1]],
+        [map {"/check?domain=$_"} qw(a.example zz.example a.example)],
+        'tls client: requests logged in order');
+
+    SKIP: {
+        skip 'no curl', 16 unless $HAVE_CURL;
+        my @ca = ('--cacert', "$tdir/ca.crt");
+        my $w  = ['-w', '\n%{http_code} %{content_type}'];
+
+        my $c = curl(@ca, @$w, "$turl?domain=a.example");
+        is($c->{out}, "ok\n200 text/plain", 'tls curl --cacert: registered -> 200 ok');
+        $c = curl(@ca, @$w, "$turl?domain=d.example");
+        is($c->{out}, qq({"ttl": 2}\n200 application/json), 'tls curl: JSON body and type');
+
+        $before = lookup_conns($tdir);
+        $c = curl(@ca, '-o', '/dev/null', '-o', '/dev/null', '-w', '%{http_code} ',
+            "$turl?domain=a.example", "$turl?domain=nope.example");
+        is($c->{out}, '200 404 ', 'tls curl: two URLs in one run');
+        is(lookup_conns($tdir) - $before, 1, 'tls curl: kept alive, one connection for two');
+
+        # Clients that do not trust the service end at the handshake: no request.
+        my $requests = () = lookups($tdir);
+        my $failed   = () = $tls_lines->();
+        $c = curl("$turl?domain=a.example");
+        is($c->{exit}, 60, 'tls curl without --cacert: certificate not trusted (exit 60)');
+        ok(wait_until(2, sub { scalar(() = $tls_lines->()) > $failed }),
+            'tls: the failed handshake is logged in lookup.tls');
+        like(($tls_lines->())[-1] // '', qr/^\d+\.\d{3} \d+ handshake failed: .*unknown ca\n\z/,
+            'tls: lookup.tls says "<time> <pid> handshake failed: ... unknown ca"');
+        is(scalar(() = lookups($tdir)), $requests, 'tls: nothing logged in lookup.log');
+
+        $c = curl(@ca, "https://127.0.0.1:$tport/check?domain=a.example");
+        is($c->{exit}, 60, 'tls: the certificate is for localhost only, not 127.0.0.1 (exit 60)');
+
+        # The modes work the same over TLS.
+        lookup_conf($tdir, mode => 'status 503');
+        $c = curl(@ca, @$w, "$turl?domain=a.example");
+        like($c->{out}, qr{\n503 text/plain\z}, 'tls status 503: answers 503');
+        lookup_conf($tdir, mode => 'hang');
+        $c = curl(@ca, "$turl?domain=a.example");
+        is($c->{exit}, 28, 'tls hang: curl -m 2 times out (exit 28)');
+        lookup_conf($tdir, mode => 'close');
+        $c = curl(@ca, "$turl?domain=a.example");
+        is($c->{exit}, 52, 'tls close: curl "empty reply" (exit 52)');
+        lookup_conf($tdir, mode => 'partial');
+        $c = curl(@ca, "$turl?domain=a.example");
+        is($c->{exit}, 18, 'tls partial: curl "transfer closed with bytes remaining" (exit 18)');
+        lookup_conf($tdir, mode => 'malformed');
+        $c = curl(@ca, "$turl?domain=a.example");
+        my $why = $c->{err} =~ s/\s+\z//r;
+        isnt($c->{exit}, 0, "tls malformed: curl fails (exit $c->{exit}: $why)");
+        lookup_conf($tdir, mode => 'reset');
+        $c = curl(@ca, "$turl?domain=a.example");
+        is($c->{exit}, 56, 'tls reset: curl "connection reset" (exit 56)');
+        lookup_conf($tdir, mode => 'normal', registered => ['a.example']);
+        $c = curl(@ca, @$w, "$turl?domain=a.example");
+        like($c->{out}, qr{\n200 text/plain\z}, 'tls: back to normal');
+    }
+
+    # Plain HTTP on the TLS port is not a handshake.
+    my $requests = () = lookups($tdir);
+    my $r = raw($tport, get('/check?domain=a.example', Connection => 'close'));
+    ok($r->{data} !~ /^HTTP/ && !$r->{timeout}, 'tls: plain HTTP request gets no HTTP answer');
+    is(scalar(() = lookups($tdir)), $requests, 'tls: plain HTTP request not logged');
+
+    # The silent client: the handshake wait is bounded (5 s).
+    is(read_response($silent, 8), undef, 'tls: silent client is dropped');
+    close $silent;
+    my ($gave_up) = map { (split ' ')[0] } grep {/ handshake timed out$/} $tls_lines->();
+    my $waited = defined $gave_up ? $gave_up - $silent_since : -1;
+    ok($waited >= 4.5 && $waited < 6.5,
+        sprintf('tls: lookup.tls says "handshake timed out", %.1f s after connect', $waited));
+
+    kill 'TERM', $tdaemon;
+    ok(reap($tdaemon, 5), 'tls: service exits on TERM') and delete $STARTED{$tdaemon};
+
+    # Configuration mistakes stop the service before it listens.
+    for my $case (
+        ['missing certificate', tls => { cert => "$tdir/none.crt", key => "$tdir/localhost.key" }],
+        ['key without certificate', tls => { key => "$tdir/localhost.key" }],
+        ['unknown option', tsl => {}],
+    ) {
+        my ($what, @opts) = @$case;
+        my $bdir = tempdir('sniguard-bad-XXXXXX', TMPDIR => 1, CLEANUP => 1);
+        my $pid  = fork() // die "fork: $!";
+        if ($pid == 0) {
+            open(STDERR, '>', "$bdir/stderr") or POSIX::_exit(126);
+            lookup_daemon(free_port(), $bdir, @opts);
+        }
+        $STARTED{$pid} = 'TERM';
+        ok(reap($pid, 5) && $? >> 8 == 1 && !-e "$bdir/lookup.pid",
+            "tls: $what: service exits 1 without listening") and delete $STARTED{$pid};
+    }
+}
+
 # idle timeout of the connection opened at the start
 {
     ok(alive($idle_pid) || time() - $idle_since >= 10, 'idle: process alive before its timeout');

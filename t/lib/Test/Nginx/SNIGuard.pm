@@ -1,8 +1,8 @@
 package Test::Nginx::SNIGuard;
 
 # Test tools for the sni_guard integration tests: a raw TLS ClientHello probe,
-# a full TLS client with session resumption, and a scriptable HTTP lookup
-# service on loopback.  Documentation is in the POD at the end.
+# a full TLS client with session resumption, and a scriptable HTTP (or HTTPS)
+# lookup service on loopback.  Documentation is in the POD at the end.
 
 use v5.36;
 
@@ -44,6 +44,7 @@ use constant {
     ENDLESS_TIME  => 30,
     ENDLESS_BYTES => 50 * 1024 * 1024,
     WRITE_TIMEOUT => 10,
+    TLS_HANDSHAKE => 5,
     STOP_WAIT     => 3,
     ACCEPT_POLL   => 0.2,
     MAX_HEAD      => 64 * 1024,
@@ -393,6 +394,7 @@ package Test::Nginx::SNIGuard::Session {
 sub _conf_path  ($dir) { return "$dir/lookup.conf" }
 sub _log_path   ($dir) { return "$dir/lookup.log" }
 sub _conns_path ($dir) { return "$dir/lookup.conns" }
+sub _tls_path   ($dir) { return "$dir/lookup.tls" }
 
 sub _decode ($s) {
     $s =~ s/%([0-9A-Fa-f]{2})/chr hex $1/ge;
@@ -537,15 +539,35 @@ sub _read_conf ($dir) {
 ###############################################################################
 # Lookup service: server
 
-sub lookup_daemon ($port, $dir) {
-    my $ok = eval { _serve($port, $dir); 1 };
+sub lookup_daemon ($port, $dir, %opts) {
+    my $ok = eval { _serve($port, $dir, _tls_context(%opts)); 1 };
     my $err = $@;
     print STDERR "lookup_daemon: $err" if !$ok;
     # Never return into the forked copy of the test script, nor run its END blocks.
     POSIX::_exit($ok ? 0 : 1);
 }
 
-sub _serve ($port, $dir) {
+# The server side TLS context for lookup_daemon's tls option, undef without it.
+# Made once, before listening, so a bad certificate or key stops the service
+# before lookup.pid appears.
+sub _tls_context (%opts) {
+    my @bad = grep { $_ ne 'tls' } sort keys %opts;
+    croak "lookup_daemon: unknown option(s) @bad" if @bad;
+    my $tls = $opts{tls} // return undef;
+    croak 'lookup_daemon: tls needs { cert => FILE, key => FILE }'
+        unless ref $tls eq 'HASH' && defined $tls->{cert} && defined $tls->{key};
+    my @extra = grep { $_ ne 'cert' && $_ ne 'key' } sort keys %$tls;
+    croak "lookup_daemon: unknown tls setting(s) @extra" if @extra;
+
+    require IO::Socket::SSL;
+    return IO::Socket::SSL::SSL_Context->new(
+        SSL_server    => 1,
+        SSL_cert_file => $tls->{cert},
+        SSL_key_file  => $tls->{key},
+    ) || die "lookup_daemon: tls: " . ($IO::Socket::SSL::SSL_ERROR // 'no context') . "\n";
+}
+
+sub _serve ($port, $dir, $tls) {
     my $watch = getppid();
     my $stop  = 0;
     local $SIG{TERM} = sub { $stop = 1 };
@@ -580,7 +602,7 @@ sub _serve ($port, $dir) {
             $SIG{$_} = 'DEFAULT' for qw(TERM INT HUP);
             POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
             close $listen;
-            eval { _connection($client, $dir); 1 } or print STDERR "lookup_daemon: $@";
+            eval { _connection($client, $dir, $tls); 1 } or print STDERR "lookup_daemon: $@";
             POSIX::_exit(0);
         }
         POSIX::sigprocmask(POSIX::SIG_SETMASK(), $old);
@@ -609,22 +631,65 @@ sub _stop_kids ($kids) {
     return;
 }
 
-sub _connection ($sock, $dir) {
+sub _connection ($sock, $dir, $tls) {
     $sock->blocking(0);
     _append(_conns_path($dir),
         sprintf("%.3f %d %d\n", Time::HiRes::time(), $$, $sock->peerport() // 0));
 
+    if ($tls) {
+        my $error = _tls_accept($sock, $tls);
+        if (defined $error) {
+            $error =~ s/\s+/ /g;
+            $error =~ s/ \z//;
+            _append(_tls_path($dir), sprintf("%.3f %d %s\n", Time::HiRes::time(), $$, $error));
+            return;
+        }
+    }
+
+    my $abort = _serve_requests($sock, $dir);
+    # Over TLS an orderly close is a close_notify before the FIN; a reset must
+    # stay a bare RST, so the socket is left to the process exit then.
+    $sock->close(SSL_fast_shutdown => 1) if $tls && !$abort;
+    return;
+}
+
+# Upgrades an accepted connection in place; undef on success, else why not.
+sub _tls_accept ($sock, $ctx) {
+    IO::Socket::SSL->start_SSL($sock,
+        SSL_server => 1, SSL_reuse_ctx => $ctx, SSL_startHandshake => 0,
+    ) or return 'start: ' . ($IO::Socket::SSL::SSL_ERROR // 'failed');
+    $sock->blocking(0);
+    my $sel      = IO::Select->new($sock);
+    my $deadline = Time::HiRes::time() + TLS_HANDSHAKE;
+    while (1) {
+        return undef if $sock->accept_SSL();
+        my $err = $IO::Socket::SSL::SSL_ERROR;
+        my $left = $deadline - Time::HiRes::time();
+        return 'handshake timed out' if $left <= 0;
+        if ($err && $err == IO::Socket::SSL::SSL_WANT_READ()) {
+            $sel->can_read($left);
+        } elsif ($err && $err == IO::Socket::SSL::SSL_WANT_WRITE()) {
+            $sel->can_write($left);
+        } else {
+            return 'handshake failed: ' . ($err || $! || 'unknown');
+        }
+    }
+}
+
+# Serves requests until the connection ends; true when it ended with a reset.
+sub _serve_requests ($sock, $dir) {
     my $buf = '';
     while (1) {
-        my $req = _read_request($sock, \$buf) or return;
+        my $req = _read_request($sock, \$buf) or return 0;
         if ($req->{error}) {
             _respond($sock, 400, [], "$req->{error}\n", { keep => 0 });
-            return;
+            return 0;
         }
         _append(_log_path($dir),
             sprintf("%.3f %d %s\n", Time::HiRes::time(), $$, $req->{target}));
         my $keep = _answer($sock, $req, _read_conf($dir));
-        return unless $keep;
+        return 1 if $req->{reset};
+        return 0 unless $keep;
     }
 }
 
@@ -670,13 +735,18 @@ sub _read_more ($sock, $sel, $buf, $deadline) {
     while (1) {
         my $left = $deadline - Time::HiRes::time();
         return 0 if $left <= 0;
-        next unless $sel->can_read($left);
+        # TLS may already hold decrypted bytes that select() cannot see.
+        next unless _pending($sock) || $sel->can_read($left);
         my $n = sysread($sock, $$buf, 16384, length $$buf);
         return 1 if $n;
         return 0 if defined $n;
         next if $! == EINTR || $! == EAGAIN || $! == EWOULDBLOCK;
         return 0;
     }
+}
+
+sub _pending ($sock) {
+    return $sock->can('pending') && $sock->pending() ? 1 : 0;
 }
 
 # Writes everything or gives up at the deadline; { error } or { timeout } on failure.
@@ -731,6 +801,7 @@ sub _answer ($sock, $req, $conf) {
     }
     if ($mode eq 'reset') {
         setsockopt($sock, SOL_SOCKET, SO_LINGER, pack('ii', 1, 0));
+        $req->{reset} = 1;
         return 0;
     }
     if ($mode eq 'partial') {
@@ -930,12 +1001,30 @@ use). Dies if openssl fails; its output is in F<$dir/openssl.log>.
 
 =head1 LOOKUP SERVICE
 
-=head2 lookup_daemon($port, $dir)
+=head2 lookup_daemon($port, $dir, %opts)
 
 Runs the service on 127.0.0.1:$port in the calling process and never returns
 (it ends with POSIX::_exit, so the forked test script's END blocks do not run
 twice).  Meant for C<< $t->run_daemon(\&Test::Nginx::SNIGuard::lookup_daemon,
 $port, $dir) >> or a forked child.
+
+Option C<< tls => { cert => $crt_file, key => $key_file } >> serves https
+instead of http, e.g. with a certificate from make_cert:
+
+    make_cert($dir, 'localhost');
+    $t->run_daemon(\&Test::Nginx::SNIGuard::lookup_daemon, port(8082), $dir,
+        tls => { cert => "$dir/localhost.crt", key => "$dir/localhost.key" });
+    # client side: https://localhost:PORT/... trusting $dir/ca.crt
+
+Each accepted connection is then upgraded with IO::Socket::SSL as a server;
+the handshake must finish within 5 s, otherwise, or when it fails (say the
+client does not trust the certificate), the connection is closed without
+serving anything and the failure is logged in lookup.tls.  After the handshake
+everything works as over http: keep-alive, pipelining, modes, logs.  An
+orderly close sends close_notify first; mode C<reset> still ends with a bare
+TCP RST.  The TLS context is made before listening: a missing or unreadable
+certificate or key, or an unknown option, ends the service with exit status 1
+and a message on STDERR before lookup.pid is written.
 
 Files in $dir:
 
@@ -951,6 +1040,12 @@ requests.
 =item lookup.conns - one line per accepted connection:
 C<< <unix time> <pid> <client port> >>.  A bare connect (e.g. waitforsocket)
 counts here but not in lookup.log.
+
+=item lookup.tls - with the tls option, one line per connection whose TLS
+handshake did not complete: C<< <unix time> <pid> <reason> >>, the reason being
+C<handshake timed out> or C<handshake failed: ...> with OpenSSL's text (e.g.
+"... tlsv1 alert unknown ca" when the client does not trust the certificate).
+Such a connection counts in lookup.conns but not in lookup.log.
 
 =item lookup.pid - written once listening (removed on exit): wait for it with
 C<< $t->waitforfile("$dir/lookup.pid") >> instead of probing the port.
