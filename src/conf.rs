@@ -8,15 +8,17 @@ use std::sync::Arc;
 use nginx_sys::{
     ngx_command_t, ngx_conf_enum_t, ngx_conf_full_name, ngx_conf_set_enum_slot,
     ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_str_slot, ngx_conf_t, ngx_flag_t,
-    ngx_http_core_srv_conf_t, ngx_msec_t, ngx_parse_size, ngx_shared_memory_add, ngx_shm_zone_t,
-    ngx_str_t, ngx_uint_t, NGX_CONF_FLAG, NGX_CONF_TAKE1, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF,
-    NGX_HTTP_SRV_CONF_OFFSET, NGX_LOG_EMERG,
+    ngx_http_core_srv_conf_t, ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_shared_memory_add,
+    ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_TAKE1,
+    NGX_CONF_TAKE12, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_HTTP_SRV_CONF_OFFSET,
+    NGX_LOG_EMERG,
 };
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::http::{HttpModuleServerConf, NgxHttpCoreModule};
 use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
 use sni_guard_core::lookup::{Client, ClientOptions, LookupUrl};
 use sni_guard_core::policy::Times;
+use sni_guard_core::shared::{BreakerSettings, Rate};
 
 use crate::zone::{self, ZoneCtx};
 use crate::Module;
@@ -27,6 +29,16 @@ const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
 
 /// Reply bodies longer than this are a lookup error.
 const MAX_REPLY_BODY: usize = 16 * 1024;
+
+/// Default of `sni_guard_breaker`: consecutive errors, and the cool-down in milliseconds.
+const DEFAULT_BREAKER: (u32, u64) = (5, 10_000);
+
+/// What to do with a handshake whose name could not be looked up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    Refuse = 0,
+    Allow = 1,
+}
 
 /// What to do with a handshake that carries no server name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +54,18 @@ pub struct SrvConf {
     pub valid: ngx_msec_t,
     pub invalid: ngx_msec_t,
     pub no_sni: ngx_uint_t,
+    pub stale: ngx_msec_t,
+    pub on_error: ngx_uint_t,
     pub zone: *mut ngx_shm_zone_t,
+
+    /// `sni_guard_lookup_rate`: the zone's budget and a client's share of it; `Some(None, _)`
+    /// for `off`.
+    pub rate: Option<(Option<Rate>, Option<Rate>)>,
+    /// `sni_guard_breaker`; `errors` is 0 for `off`.
+    pub breaker: Option<BreakerSettings>,
+    /// `sni_guard_thread_pool`, and the pool it names once the guard is on.
+    pub thread_pool_name: ngx_str_t,
+    pub thread_pool: *mut nginx_sys::ngx_thread_pool_t,
 
     /// `sni_guard_lookup`, with the addresses its host resolved to at configuration time.
     pub lookup: Option<(LookupUrl, Vec<std::net::SocketAddr>)>,
@@ -59,7 +82,13 @@ impl Default for SrvConf {
             valid: NGX_CONF_UNSET_MSEC,
             invalid: NGX_CONF_UNSET_MSEC,
             no_sni: NGX_CONF_UNSET_UINT,
+            stale: NGX_CONF_UNSET_MSEC,
+            on_error: NGX_CONF_UNSET_UINT,
             zone: ptr::null_mut(),
+            rate: None,
+            breaker: None,
+            thread_pool_name: ngx_str_t::empty(),
+            thread_pool: ptr::null_mut(),
             lookup: None,
             trusted_certificate: ngx_str_t::empty(),
             client: None,
@@ -73,7 +102,30 @@ impl SrvConf {
     }
 
     pub fn times(&self) -> Times {
-        Times { valid: self.valid as u64, invalid: self.invalid as u64 }
+        Times {
+            valid: self.valid as u64,
+            invalid: self.invalid as u64,
+            stale: self.stale.min(u32::MAX as ngx_msec_t) as u32,
+            // A refresh that takes longer than a lookup can has failed; another may start.
+            refresh_busy: (2 * self.timeout).clamp(1000, u32::MAX as ngx_msec_t) as u32,
+        }
+    }
+
+    /// The zone's lookup budget and a client's share of it.
+    pub fn rate(&self) -> (Option<Rate>, Option<Rate>) {
+        self.rate.unwrap_or((None, None))
+    }
+
+    pub fn breaker(&self) -> BreakerSettings {
+        self.breaker.unwrap_or(BreakerSettings { errors: 0, cooldown: 0, probe_timeout: 0 })
+    }
+
+    pub fn on_error(&self) -> OnError {
+        if self.on_error == OnError::Allow as ngx_uint_t {
+            OnError::Allow
+        } else {
+            OnError::Refuse
+        }
     }
 
     pub fn no_sni(&self) -> NoSni {
@@ -91,9 +143,15 @@ static mut NO_SNI_VALUES: [ngx_conf_enum_t; 3] = [
     ngx_conf_enum_t { name: ngx_str_t::empty(), value: 0 },
 ];
 
+static mut ON_ERROR_VALUES: [ngx_conf_enum_t; 3] = [
+    ngx_conf_enum_t { name: ngx_string!("refuse"), value: OnError::Refuse as ngx_uint_t },
+    ngx_conf_enum_t { name: ngx_string!("allow"), value: OnError::Allow as ngx_uint_t },
+    ngx_conf_enum_t { name: ngx_str_t::empty(), value: 0 },
+];
+
 const HTTP_SRV: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF) as ngx_uint_t;
 
-pub static mut COMMANDS: [ngx_command_t; 9] = [
+pub static mut COMMANDS: [ngx_command_t; 14] = [
     ngx_command_t {
         name: ngx_string!("sni_guard"),
         type_: HTTP_SRV | NGX_CONF_FLAG as ngx_uint_t,
@@ -158,6 +216,46 @@ pub static mut COMMANDS: [ngx_command_t; 9] = [
         offset: offset_of!(SrvConf, no_sni),
         post: ptr::addr_of_mut!(NO_SNI_VALUES) as *mut c_void,
     },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_stale"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_conf_set_msec_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, stale),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_lookup_rate"),
+        type_: HTTP_SRV | NGX_CONF_1MORE as ngx_uint_t,
+        set: Some(cmd_set_rate),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_breaker"),
+        type_: HTTP_SRV | NGX_CONF_TAKE12 as ngx_uint_t,
+        set: Some(cmd_set_breaker),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_on_error"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_conf_set_enum_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, on_error),
+        post: ptr::addr_of_mut!(ON_ERROR_VALUES) as *mut c_void,
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_thread_pool"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_conf_set_str_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, thread_pool_name),
+        post: ptr::null_mut(),
+    },
     ngx_command_t::empty(),
 ];
 
@@ -216,6 +314,29 @@ fn merge(conf: &mut SrvConf, prev: &SrvConf) {
     value(&mut conf.valid, prev.valid, NGX_CONF_UNSET_MSEC, 10 * 60 * 1000);
     value(&mut conf.invalid, prev.invalid, NGX_CONF_UNSET_MSEC, 60 * 1000);
     value(&mut conf.no_sni, prev.no_sni, NGX_CONF_UNSET_UINT, NoSni::Allow as ngx_uint_t);
+    value(&mut conf.stale, prev.stale, NGX_CONF_UNSET_MSEC, 60 * 60 * 1000);
+    value(&mut conf.on_error, prev.on_error, NGX_CONF_UNSET_UINT, OnError::Refuse as ngx_uint_t);
+
+    if conf.rate.is_none() {
+        conf.rate = prev.rate;
+    }
+    if conf.breaker.is_none() {
+        conf.breaker = prev.breaker;
+    }
+    if conf.breaker.is_none() {
+        conf.breaker = Some(BreakerSettings {
+            errors: DEFAULT_BREAKER.0,
+            cooldown: DEFAULT_BREAKER.1,
+            probe_timeout: 0,
+        });
+    }
+    if let Some(breaker) = &mut conf.breaker {
+        // A probe that takes longer than a lookup can is lost; another may go.
+        breaker.probe_timeout = conf.timeout as u64 + 1000;
+    }
+    if conf.thread_pool_name.data.is_null() {
+        conf.thread_pool_name = prev.thread_pool_name;
+    }
 
     if conf.zone.is_null() {
         conf.zone = prev.zone;
@@ -229,6 +350,9 @@ fn merge(conf: &mut SrvConf, prev: &SrvConf) {
 fn finish(cf: *mut ngx_conf_t, conf: &mut SrvConf, prev: &mut SrvConf) -> Result<(), String> {
     if conf.timeout == 0 {
         return Err("\"sni_guard_timeout\" must be more than 0".into());
+    }
+    if conf.stale > u32::MAX as ngx_msec_t {
+        return Err("\"sni_guard_stale\" must be less than 49 days".into());
     }
 
     let Some(zone) = (unsafe { conf.zone.as_mut() }) else {
@@ -260,6 +384,28 @@ fn finish(cf: *mut ngx_conf_t, conf: &mut SrvConf, prev: &mut SrvConf) -> Result
     }
     ctx.url = Some(url.clone());
 
+    // The budget and the breaker are the zone's: one setting per zone.
+    let breaker = conf.breaker;
+    match (&ctx.rate, &ctx.breaker) {
+        (Some(rate), _) if *rate != conf.rate() => {
+            return Err(format!(
+                "zone \"{}\" is already used with another \"sni_guard_lookup_rate\"",
+                ctx.name
+            ));
+        }
+        (_, Some(other)) if Some(*other) != breaker => {
+            return Err(format!(
+                "zone \"{}\" is already used with another \"sni_guard_breaker\"",
+                ctx.name
+            ));
+        }
+        _ => {}
+    }
+    ctx.rate = Some(conf.rate());
+    ctx.breaker = breaker;
+
+    add_thread_pool(cf, conf)?;
+
     if inherits {
         if let Some(client) = &prev.client {
             conf.client = Some(client.clone());
@@ -274,6 +420,31 @@ fn finish(cf: *mut ngx_conf_t, conf: &mut SrvConf, prev: &mut SrvConf) -> Result
     }
     conf.client = Some(client);
 
+    Ok(())
+}
+
+/// Registers the thread pool that refreshes answers in the background.
+#[cfg(ngx_feature = "threads")]
+fn add_thread_pool(cf: *mut ngx_conf_t, conf: &mut SrvConf) -> Result<(), String> {
+    let name = if conf.thread_pool_name.is_empty() {
+        ptr::null_mut()
+    } else {
+        ptr::addr_of_mut!(conf.thread_pool_name)
+    };
+    // SAFETY: called while the configuration is parsed; a null name means nginx's "default"
+    // pool, which nginx then creates with its default size unless `thread_pool` sizes it.
+    conf.thread_pool = unsafe { nginx_sys::ngx_thread_pool_add(cf, name) };
+    if conf.thread_pool.is_null() {
+        return Err("could not add \"sni_guard_thread_pool\"".into());
+    }
+    Ok(())
+}
+
+#[cfg(not(ngx_feature = "threads"))]
+fn add_thread_pool(_cf: *mut ngx_conf_t, conf: &mut SrvConf) -> Result<(), String> {
+    if !conf.thread_pool_name.is_empty() {
+        return Err("\"sni_guard_thread_pool\" needs nginx built --with-threads".into());
+    }
     Ok(())
 }
 
@@ -426,6 +597,118 @@ extern "C" fn cmd_set_zone(
 
     conf.zone = shm_zone;
     NGX_CONF_OK
+}
+
+extern "C" fn cmd_set_rate(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the server configuration and the directive's words.
+    let conf = unsafe { &mut *conf.cast::<SrvConf>() };
+    let args = unsafe { (*(*cf).args).as_slice::<ngx_str_t>() };
+
+    if conf.rate.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+
+    let words: Vec<String> =
+        args[1..].iter().map(|a| String::from_utf8_lossy(a.as_bytes()).into_owned()).collect();
+
+    if words[0] == "off" && words.len() == 1 {
+        conf.rate = Some((None, None));
+        return NGX_CONF_OK;
+    }
+
+    let Some(per_second_milli) = Rate::parse_per_second_milli(&words[0]) else {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid rate \"{}\"", words[0]);
+        return NGX_CONF_ERROR;
+    };
+    let mut rate = Rate { per_second_milli, burst: 0 };
+    let mut per_client = None;
+
+    for word in &words[1..] {
+        if let Some(burst) = word.strip_prefix("burst=") {
+            match burst.parse::<u32>() {
+                Ok(burst) => rate.burst = burst.into(),
+                Err(_) => {
+                    ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid burst value \"{word}\"");
+                    return NGX_CONF_ERROR;
+                }
+            }
+        } else if let Some(client) = word.strip_prefix("per_client=") {
+            match Rate::parse_per_second_milli(client) {
+                Some(milli) => per_client = Some(milli),
+                None => {
+                    ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid per_client rate \"{word}\"");
+                    return NGX_CONF_ERROR;
+                }
+            }
+        } else {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid parameter \"{word}\"");
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    // A client's share has a burst in proportion to its rate, and of at least one.
+    let per_client = per_client.map(|milli| Rate {
+        per_second_milli: milli,
+        burst: (rate.burst * milli).div_ceil(rate.per_second_milli).max(1),
+    });
+
+    conf.rate = Some((Some(rate), per_client));
+    NGX_CONF_OK
+}
+
+extern "C" fn cmd_set_breaker(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the server configuration and the directive's words.
+    let conf = unsafe { &mut *conf.cast::<SrvConf>() };
+    let args = unsafe { (*(*cf).args).as_slice::<ngx_str_t>() };
+
+    if conf.breaker.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+
+    let off = BreakerSettings { errors: 0, cooldown: 0, probe_timeout: 0 };
+
+    match args {
+        [_, word] if word.as_bytes() == b"off" => {
+            conf.breaker = Some(off);
+            NGX_CONF_OK
+        }
+        [_, errors, cooldown] => {
+            let errors = std::str::from_utf8(errors.as_bytes())
+                .ok()
+                .and_then(|e| e.parse::<u32>().ok())
+                .filter(|&e| e > 0);
+            let Some(errors) = errors else {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid number of errors \"{}\"", args[1]);
+                return NGX_CONF_ERROR;
+            };
+            let mut text = *cooldown;
+            // SAFETY: `text` is the directive's argument.
+            let cooldown = unsafe { ngx_parse_time(&mut text, 0) };
+            if cooldown <= 0 {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid cool-down time \"{}\"", args[2]);
+                return NGX_CONF_ERROR;
+            }
+            conf.breaker = Some(BreakerSettings { errors, cooldown: cooldown as u64, ..off });
+            NGX_CONF_OK
+        }
+        _ => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid value \"{}\", it must be \"off\" or a number of errors and a time",
+                args[1]
+            );
+            NGX_CONF_ERROR
+        }
+    }
 }
 
 /// An I/O error the way nginx prints one: "(2: No such file or directory)".

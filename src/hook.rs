@@ -13,42 +13,30 @@
 use core::ffi::{c_int, c_void};
 use core::ptr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use nginx_sys::{
-    ngx_conf_t, ngx_connection_t, ngx_current_msec, ngx_hash_find_combined, ngx_hash_key,
-    ngx_http_addr_conf_t, ngx_http_connection_t, ngx_http_core_srv_conf_t, ngx_int_t, ngx_log_t,
-    ngx_ssl_connection_index, ngx_time_update, CRYPTO_get_ex_new_index,
-    SSL_CTX_set_client_hello_cb, SSL_client_hello_get0_ext, SSL_get_ex_data, SSL_set_ex_data,
-    CRYPTO_EX_INDEX_SSL, NGX_LOG_ALERT, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN, SSL,
-    SSL_AD_INTERNAL_ERROR, SSL_CLIENT_HELLO_ERROR, SSL_CLIENT_HELLO_SUCCESS,
+    ngx_conf_t, ngx_connection_t, ngx_hash_find_combined, ngx_hash_key, ngx_http_addr_conf_t,
+    ngx_http_connection_t, ngx_http_core_srv_conf_t, ngx_int_t, ngx_log_t,
+    ngx_ssl_connection_index, CRYPTO_get_ex_new_index, SSL_CTX_set_client_hello_cb,
+    SSL_client_hello_get0_ext, SSL_get_ex_data, SSL_set_ex_data, CRYPTO_EX_INDEX_SSL,
+    NGX_LOG_ALERT, NGX_LOG_EMERG, NGX_LOG_INFO, SSL, SSL_AD_INTERNAL_ERROR, SSL_CLIENT_HELLO_ERROR,
+    SSL_CLIENT_HELLO_SUCCESS,
 };
 use ngx::core::Status;
 use ngx::http::{HttpModuleMainConf, HttpModuleServerConf, NgxHttpCoreModule, NgxHttpSslModule};
-use ngx::{ngx_log_debug, ngx_log_error};
-use sni_guard_core::answer::Answer;
-use sni_guard_core::cache::State;
-use sni_guard_core::names::{self, Name};
-use sni_guard_core::policy::{self, Step};
+use ngx::ngx_log_error;
+use sni_guard_core::names;
+use sni_guard_core::shared::{Allowance, Decision, Refusal, Stats};
 
 use crate::conf::{self, NoSni, SrvConf};
-use crate::zone;
+use crate::{guard, zone};
 
 /// TLS extension number of server_name (RFC 6066).
 const TLSEXT_SERVER_NAME: u32 = 0;
 
 /// Index of the per-connection decision in OpenSSL's ex_data of an SSL object.
 static DECISION_INDEX: OnceLock<c_int> = OnceLock::new();
-
-/// The outcome for one connection, kept in the SSL object's ex_data so that a second
-/// ClientHello on the same connection (after a HelloRetryRequest) gets the same answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Verdict {
-    Allow = 1,
-    Refuse = 2,
-}
 
 /// Installs the callback; runs as the module's postconfiguration handler.
 pub unsafe extern "C" fn install(cf: *mut ngx_conf_t) -> ngx_int_t {
@@ -116,6 +104,10 @@ fn decision_index() -> Option<c_int> {
 }
 
 /// The ClientHello callback.
+///
+/// The decision is kept in the SSL object's ex_data: a second ClientHello on the same connection
+/// (after a HelloRetryRequest) gets the first decision, with no second lookup and no second
+/// count.
 unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, _arg: *mut c_void) -> c_int {
     // SAFETY: nginx stores its connection in every SSL object it creates.
     let c = unsafe { SSL_get_ex_data(ssl, ngx_ssl_connection_index) }.cast::<ngx_connection_t>();
@@ -124,25 +116,32 @@ unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, _arg: *mut c
     };
 
     // SAFETY: the index was registered for SSL objects.
-    let earlier = unsafe { SSL_get_ex_data(ssl, index) } as usize;
+    let earlier = Decision::from_code(unsafe { SSL_get_ex_data(ssl, index) } as usize);
 
-    let verdict = if earlier == Verdict::Allow as usize {
-        Verdict::Allow
-    } else if earlier == Verdict::Refuse as usize {
-        Verdict::Refuse
-    } else {
-        let verdict = catch_unwind(AssertUnwindSafe(|| check(ssl, c))).unwrap_or_else(|_| {
-            ngx_log_error!(NGX_LOG_ALERT, c.log, "sni_guard: panic in the handshake check");
-            Verdict::Refuse
-        });
-        // SAFETY: as above; the value is an integer, not a pointer to free.
-        unsafe { SSL_set_ex_data(ssl, index, verdict as usize as *mut c_void) };
-        verdict
+    let decision = match earlier {
+        Some(decision) => Some(decision),
+        None => {
+            let decided = catch_unwind(AssertUnwindSafe(|| check(ssl, c))).unwrap_or_else(|_| {
+                ngx_log_error!(NGX_LOG_ALERT, c.log, "sni_guard: panic in the handshake check");
+                Some((Decision::Refuse(Refusal::LookupError), None))
+            });
+            decided.map(|(decision, stats)| {
+                if let Some(stats) = stats {
+                    match decision {
+                        Decision::Allow(how) => stats.allowed(how),
+                        Decision::Refuse(why) => stats.refused(why),
+                    }
+                }
+                // SAFETY: as above; the value is a small integer, not a pointer to free.
+                unsafe { SSL_set_ex_data(ssl, index, decision.code() as *mut c_void) };
+                decision
+            })
+        }
     };
 
-    match verdict {
-        Verdict::Allow => SSL_CLIENT_HELLO_SUCCESS as c_int,
-        Verdict::Refuse => {
+    match decision {
+        None | Some(Decision::Allow(_)) => SSL_CLIENT_HELLO_SUCCESS as c_int,
+        Some(Decision::Refuse(_)) => {
             // SAFETY: `c->ssl` is set for a connection in a handshake; marking the handshake as
             // rejected makes nginx log it at info level instead of as a failure.
             if let Some(ssl_conn) = unsafe { c.ssl.as_mut() } {
@@ -155,15 +154,13 @@ unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, _arg: *mut c
     }
 }
 
-/// Decides on one handshake.
-fn check(ssl: *mut SSL, c: &ngx_connection_t) -> Verdict {
+/// Decides on one handshake: `None` where the guard is off, else the decision and the counters
+/// of the zone it was made with.
+fn check(ssl: *mut SSL, c: &ngx_connection_t) -> Option<(Decision, Option<&'static Stats>)> {
     // SAFETY: in an http connection's handshake, `c->data` is its ngx_http_connection_t and
     // `addr_conf` the configuration of the address it was accepted on.
-    let Some(addr_conf) = (unsafe { c.data.cast::<ngx_http_connection_t>().as_ref() })
-        .and_then(|hc| unsafe { hc.addr_conf.as_ref() })
-    else {
-        return Verdict::Allow;
-    };
+    let addr_conf = unsafe { c.data.cast::<ngx_http_connection_t>().as_ref() }
+        .and_then(|hc| unsafe { hc.addr_conf.as_ref() })?;
 
     let mut ext: *const u8 = ptr::null();
     let mut ext_len = 0usize;
@@ -172,13 +169,15 @@ fn check(ssl: *mut SSL, c: &ngx_connection_t) -> Verdict {
         unsafe { SSL_client_hello_get0_ext(ssl, TLSEXT_SERVER_NAME, &mut ext, &mut ext_len) } == 1;
 
     if !present || ext.is_null() {
-        let Some(conf) = server_conf(addr_conf.default_server) else {
-            return Verdict::Allow;
+        let conf = server_conf(addr_conf.default_server)?;
+        let decision = match conf.no_sni() {
+            NoSni::Allow => Decision::Allow(Allowance::NoSni),
+            NoSni::Refuse => {
+                log_refusal(c.log, "", "no server name");
+                Decision::Refuse(Refusal::NoSni)
+            }
         };
-        return match conf.no_sni() {
-            NoSni::Allow => Verdict::Allow,
-            NoSni::Refuse => refuse(c.log, "", "no server name"),
-        };
+        return Some((decision, stats(conf)));
     }
 
     // SAFETY: `ext` points at `ext_len` bytes owned by OpenSSL for the duration of the call.
@@ -189,21 +188,28 @@ fn check(ssl: *mut SSL, c: &ngx_connection_t) -> Verdict {
         Err(e) => {
             // OpenSSL itself refuses such a ClientHello a moment later; a guarded default
             // server refuses it first, with the guard's alert.
-            let Some(_) = server_conf(addr_conf.default_server) else {
-                return Verdict::Allow;
-            };
-            return refuse(c.log, "", e.as_str());
+            let conf = server_conf(addr_conf.default_server)?;
+            log_refusal(c.log, "", e.as_str());
+            return Some((Decision::Refuse(Refusal::InvalidName), stats(conf)));
         }
     };
 
-    let Some(conf) = server_conf(select_server(addr_conf, raw)) else {
-        return Verdict::Allow;
+    let conf = server_conf(select_server(addr_conf, raw))?;
+
+    let decision = match names::normalise(raw) {
+        Ok(name) => guard::decide(conf, &name, c),
+        Err(e) => {
+            log_refusal(c.log, &raw.escape_ascii().to_string(), e.as_str());
+            Decision::Refuse(Refusal::InvalidName)
+        }
     };
 
-    match names::normalise(raw) {
-        Ok(name) => guard(conf, &name, c.log),
-        Err(e) => refuse(c.log, &raw.escape_ascii().to_string(), e.as_str()),
-    }
+    Some((decision, stats(conf)))
+}
+
+fn stats(conf: &SrvConf) -> Option<&'static Stats> {
+    // SAFETY: the zone lives as long as the configuration.
+    zone::stats(unsafe { conf.zone.as_ref()? })
 }
 
 /// The settings of a server, when the guard is on there.
@@ -259,104 +265,11 @@ fn select_server(addr_conf: &ngx_http_addr_conf_t, raw: &[u8]) -> *mut ngx_http_
     default
 }
 
-/// Applies the cache and the lookup service to a valid name.
-fn guard(conf: &SrvConf, name: &Name, log: *mut ngx_log_t) -> Verdict {
-    // SAFETY: a server with the guard on has a zone (checked at configuration time).
-    let Some(zone) = (unsafe { conf.zone.as_ref() }) else {
-        return refuse(log, name.as_str(), "no zone");
-    };
-
-    let now = current_msec();
-    let step =
-        zone::with_cache(zone, log, |cache| policy::consult(cache.get(name.as_bytes()), now))
-            .unwrap_or(Step::Lookup);
-
-    match step {
-        Step::Cached(State::Registered) => {
-            ngx_log_debug!(log, "sni_guard: \"{name}\" registered, from cache");
-            Verdict::Allow
-        }
-        Step::Cached(State::NotRegistered) => refuse(log, name.as_str(), "not registered"),
-        Step::Lookup => look_up(conf, zone, name, log),
-    }
-}
-
-/// Asks the lookup service, caches the answer and decides by it.
-fn look_up(
-    conf: &SrvConf,
-    zone: &nginx_sys::ngx_shm_zone_t,
-    name: &Name,
-    log: *mut ngx_log_t,
-) -> Verdict {
-    let Some(client) = conf.client.as_ref() else {
-        return refuse(log, name.as_str(), "no lookup");
-    };
-
-    let result = client.check(name.as_str(), Duration::from_millis(conf.timeout as u64));
-
-    // The worker was blocked for the lookup: bring nginx's clock up to date.
-    // SAFETY: called on the worker's own thread, as the event loop does.
-    unsafe { ngx_time_update() };
-    let now = current_msec();
-
-    let answer = match result {
-        Ok(answer) => answer,
-        Err(e) => {
-            ngx_log_error!(
-                NGX_LOG_WARN,
-                log,
-                "sni_guard lookup \"{}\" failed: {e}",
-                client.url().request_url(name.as_str())
-            );
-            return refuse(log, name.as_str(), "lookup error");
-        }
-    };
-
-    ngx_log_debug!(log, "sni_guard: lookup of \"{name}\": {answer:?}");
-
-    if let Some((state, expires)) = policy::to_store(answer, &conf.times(), now) {
-        let stored = zone::with_cache(zone, log, |cache| {
-            cache.put(name.as_bytes(), state, expires, 0, now).is_ok()
-        });
-        if stored != Some(true) {
-            zone_full(log, zone, now);
-        }
-    }
-
-    match answer {
-        Answer::Registered { .. } => Verdict::Allow,
-        Answer::NotRegistered { .. } => refuse(log, name.as_str(), "not registered"),
-    }
-}
-
-/// Logs that an answer could not be cached, at most once a minute per worker.
-fn zone_full(log: *mut ngx_log_t, zone: &nginx_sys::ngx_shm_zone_t, now: u64) {
-    static LAST: AtomicU64 = AtomicU64::new(0);
-
-    let last = LAST.load(Ordering::Relaxed);
-    if last != 0 && now.saturating_sub(last) < 60_000 {
-        return;
-    }
-    LAST.store(now.max(1), Ordering::Relaxed);
-
-    ngx_log_error!(
-        NGX_LOG_WARN,
-        log,
-        "sni_guard zone \"{}\" is full, answers are not cached",
-        String::from_utf8_lossy(zone.shm.name.as_bytes())
-    );
-}
-
-fn refuse(log: *mut ngx_log_t, name: &str, reason: &str) -> Verdict {
+/// Logs a refusal, at info level: under attack there is one per handshake.
+pub fn log_refusal(log: *mut ngx_log_t, name: &str, reason: &str) {
     if name.is_empty() {
         ngx_log_error!(NGX_LOG_INFO, log, "sni_guard refused handshake: {reason}");
     } else {
         ngx_log_error!(NGX_LOG_INFO, log, "sni_guard refused \"{name}\": {reason}");
     }
-    Verdict::Refuse
-}
-
-fn current_msec() -> u64 {
-    // SAFETY: nginx's cached clock, updated on the worker's own thread.
-    unsafe { ngx_current_msec as u64 }
 }

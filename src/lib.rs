@@ -14,7 +14,9 @@ use nginx_sys::{ngx_conf_t, ngx_http_module_t, ngx_int_t, ngx_module_t, NGX_HTTP
 use ngx::http::{HttpModule, HttpModuleServerConf};
 
 mod conf;
+mod guard;
 mod hook;
+mod refresh;
 mod zone;
 
 pub(crate) struct Module;

@@ -219,7 +219,7 @@ my @cases = (
 			. " sni_guard_lookup https://127.0.0.1:%%PORT_8081%%/check;"
 			. " sni_guard_lookup_trusted_certificate ca.crt; sni_guard_timeout 2s;"
 			. " sni_guard_valid 5m; sni_guard_invalid 30s; sni_guard_no_sni refuse;",
-			"sni_guard on; sni_guard_zone other:32k;"
+			"sni_guard on; sni_guard_zone other:64k;"
 			. " sni_guard_lookup http://127.0.0.1:%%PORT_8082%%/other;"
 			. " sni_guard_lookup_trusted_certificate demo.crt;"
 			. " sni_guard_timeout 100ms; sni_guard_valid 1h; sni_guard_invalid 0;"

@@ -47,6 +47,10 @@ http {
     sni_guard_lookup http://127.0.0.1:%%PORT_8081%%/check;
     sni_guard_valid 1s;
 
+    # expired answers are not used while they are refreshed: the withdrawn
+    # registrations below take effect at once
+    sni_guard_stale 0;
+
     server {
         listen       127.0.0.1:8443 ssl default_server;
         server_name  _;

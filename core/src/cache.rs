@@ -122,17 +122,36 @@ struct Entry {
 
 const ENTRY_SIZE: usize = size_of::<Entry>();
 
+/// An arena borrowed for a while is an arena too.
+impl<A: Arena + ?Sized> Arena for &mut A {
+    fn base(&self) -> NonNull<u8> {
+        (**self).base()
+    }
+
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+
+    fn alloc(&mut self, size: usize) -> Option<u32> {
+        (**self).alloc(size)
+    }
+
+    fn free(&mut self, offset: u32) {
+        (**self).free(offset)
+    }
+}
+
 /// A cache laid out in an arena. Every method expects the caller to hold the region's lock.
-pub struct Cache<'a, A: Arena> {
-    arena: &'a mut A,
+pub struct Cache<A: Arena> {
+    arena: A,
     hdr: u32,
 }
 
-impl<'a, A: Arena> Cache<'a, A> {
+impl<A: Arena> Cache<A> {
     /// Lays out an empty cache in `arena` and returns it; `seed` keys the name hash.
     ///
     /// Returns `None` when the arena cannot hold even the header and the bucket array.
-    pub fn create(arena: &'a mut A, seed: [u64; 2]) -> Option<Self> {
+    pub fn create(mut arena: A, seed: [u64; 2]) -> Option<Self> {
         let expected = (arena.size() / BYTES_PER_ENTRY_ESTIMATE).max(16);
         let nbuckets = expected.checked_next_power_of_two()?.min(1 << 24) as u32;
 
@@ -176,7 +195,7 @@ impl<'a, A: Arena> Cache<'a, A> {
     ///
     /// `offset` must be 0 or the offset of at least `size_of::<Header>()` readable bytes in the
     /// arena, and nothing else may use the region while the returned value lives.
-    pub unsafe fn open(arena: &'a mut A, offset: u32) -> Option<Self> {
+    pub unsafe fn open(arena: A, offset: u32) -> Option<Self> {
         if offset == 0 || offset as usize + size_of::<Header>() > arena.size() {
             return None;
         }
@@ -650,7 +669,7 @@ mod tests {
     const SEED: [u64; 2] = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
 
     /// Walks the structure both ways and through the buckets and checks that it hangs together.
-    fn check<A: Arena>(cache: &Cache<'_, A>) -> Vec<Vec<u8>> {
+    fn check<A: Arena>(cache: &Cache<A>) -> Vec<Vec<u8>> {
         let mut names = Vec::new();
         cache.for_each(|name, _| names.push(name.to_vec()));
         assert_eq!(names.len(), cache.len(), "list length and entry count differ");
@@ -670,7 +689,7 @@ mod tests {
         names
     }
 
-    fn put(cache: &mut Cache<'_, HeapArena>, name: &str, state: State, expires: u64) {
+    fn put(cache: &mut Cache<&mut HeapArena>, name: &str, state: State, expires: u64) {
         cache.put(name.as_bytes(), state, expires, 0, 0).expect("room for the entry");
     }
 

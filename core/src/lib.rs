@@ -9,3 +9,4 @@ pub mod cache;
 pub mod lookup;
 pub mod names;
 pub mod policy;
+pub mod shared;
