@@ -876,8 +876,13 @@ impl<T: Transport> Transport for Tracked<T> {
     }
 
     fn is_open(&mut self) -> bool {
-        // ureq 3.2's own max_idle_age never expires anything (it measures an age of zero).
-        self.last_used.elapsed() < self.max_idle && self.inner.is_open()
+        // Bytes left over after the last reply (a 204 or a HEAD reply with a body, a second
+        // reply sent early) would be read as the reply to the next request, for another name:
+        // such a connection is not reused. ureq 3.2's own max_idle_age never expires anything
+        // (it measures an age of zero), hence the idle check here.
+        self.inner.buffers().input().is_empty()
+            && self.last_used.elapsed() < self.max_idle
+            && self.inner.is_open()
     }
 
     fn is_tls(&self) -> bool {

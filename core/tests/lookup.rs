@@ -592,6 +592,42 @@ fn idle_connection_closed_by_the_service_is_not_an_error() {
 
 /// The race a probe cannot see: the service closes the reused connection just as the request
 /// arrives. The request is repeated once on a fresh connection.
+/// A reply followed at once by more bytes - here a whole second reply, "smuggled" after a 204
+/// that by definition has no body - must not answer the next lookup, for another name.
+#[test]
+fn bytes_after_a_reply_never_answer_the_next_lookup() {
+    const SMUGGLED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    let replies: [&'static [u8]; 2] = [
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 39\r\n\r\n",
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+    ];
+
+    for first in replies {
+        let server = Server::start(4, move |mut conn| {
+            while let Some(head) = conn.read_head() {
+                let sent = if head.contains("domain=first.example") {
+                    conn.send(&[first, SMUGGLED].concat())
+                } else {
+                    conn.send(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                };
+                if !sent {
+                    return;
+                }
+            }
+        });
+        let client = server.client("/check");
+
+        client.check("first.example", TIMEOUT).expect("first lookup answered");
+        assert_eq!(
+            client.check("victim.example", TIMEOUT),
+            Ok(Answer::NotRegistered { ttl: None }),
+            "the bytes after {:?} answered another name",
+            String::from_utf8_lossy(first)
+        );
+        server.finish();
+    }
+}
+
 #[test]
 fn reused_connection_dying_before_any_reply_byte_is_retried() {
     type Behaviour = fn(&mut Conn);
