@@ -124,6 +124,8 @@ fn is_json(content_type: &str) -> bool {
 }
 
 fn ttl_from_json(body: &[u8]) -> Result<Option<u32>, LookupError> {
+    // Some services start JSON with a UTF-8 byte order mark; JSON itself does not allow one.
+    let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
     // A body of only whitespace (a service that prints an empty line) counts as no body.
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
@@ -133,10 +135,17 @@ fn ttl_from_json(body: &[u8]) -> Result<Option<u32>, LookupError> {
     let serde_json::Value::Object(members) = value else {
         return Err(LookupError::Malformed("json body is not an object".into()));
     };
-    let Some(ttl) = members.get("ttl") else {
-        return Ok(None);
+    let ttl = match members.get("ttl") {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(ttl) => ttl,
     };
-    match ttl.as_u64().map(u32::try_from) {
+    // JSON has one number type: 3600, 3600.0 and 3.6e3 are all the same whole number.
+    let seconds = ttl.as_u64().or_else(|| {
+        ttl.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u32::MAX as f64)
+            .map(|f| f as u64)
+    });
+    match seconds.map(u32::try_from) {
         Some(Ok(seconds)) if seconds <= MAX_TTL => Ok(Some(seconds)),
         Some(_) => Err(LookupError::Malformed(format!("ttl above {MAX_TTL}"))),
         None => Err(LookupError::Malformed(format!("ttl is not a non-negative integer: {ttl}"))),
@@ -224,10 +233,15 @@ mod tests {
             (200, JSON, r#"{"ttl": 18446744073709551616}"#, malformed()),
             (200, JSON, r#"{"ttl": -1}"#, malformed()),
             (200, JSON, r#"{"ttl": 1.5}"#, malformed()),
-            (200, JSON, r#"{"ttl": 300.0}"#, malformed()),
-            (200, JSON, r#"{"ttl": 3e2}"#, malformed()),
+            (200, JSON, r#"{"ttl": 300.0}"#, reg(Some(300))),
+            (200, JSON, r#"{"ttl": 3e2}"#, reg(Some(300))),
             (200, JSON, r#"{"ttl": "300"}"#, malformed()),
-            (200, JSON, r#"{"ttl": null}"#, malformed()),
+            (200, JSON, r#"{"ttl": null}"#, reg(None)),
+            (200, JSON, r#"{"ttl": 3600.0}"#, reg(Some(3600))),
+            (200, JSON, r#"{"ttl": 3.6e3}"#, reg(Some(3600))),
+            (200, JSON, r#"{"ttl": -0.0}"#, reg(Some(0))),
+            (200, JSON, "\u{feff}{\"ttl\": 7}", reg(Some(7))),
+            (200, JSON, r#"{"ttl": 1e300}"#, malformed()),
             (200, JSON, r#"{"ttl": true}"#, malformed()),
             (200, JSON, r#"{"ttl": [300]}"#, malformed()),
             (200, JSON, r#"{"ok": true, "note": "x", "ttl": 60}"#, reg(Some(60))),
