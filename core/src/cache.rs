@@ -31,6 +31,9 @@ const EXPIRE_PER_PUT: usize = 2;
 /// Evictions tried to make room for one insertion before giving up on caching it.
 const MAX_EVICTIONS_PER_PUT: usize = 64;
 
+/// Entries looked at, from the cold end, for one to evict before a registered one.
+const VICTIM_SCAN: usize = 32;
+
 /// Expected bytes per entry, used to size the bucket array; a 20-byte name takes one 64-byte
 /// slab chunk.
 const BYTES_PER_ENTRY_ESTIMATE: usize = 64;
@@ -298,11 +301,11 @@ impl<A: Arena> Cache<A> {
         let mut evicted = 0;
 
         while entry.is_none() && evicted < MAX_EVICTIONS_PER_PUT {
-            let tail = self.header().tail;
-            if tail == 0 {
+            let victim = self.victim(now);
+            if victim == 0 {
                 break;
             }
-            self.unlink(tail);
+            self.unlink(victim);
             self.header_mut().evictions += 1;
             evicted += 1;
             entry = self.arena.alloc(size);
@@ -339,6 +342,28 @@ impl<A: Arena> Cache<A> {
         self.header_mut().entries += 1;
 
         Ok(())
+    }
+
+    /// The entry to give way for a new one: among the least recently used few, one whose time
+    /// is over or that says "not registered", else the least recently used. A flood of invented
+    /// names fills the cache with "not registered"; they go before the names it protects.
+    fn victim(&self, now: u64) -> u32 {
+        let mut entry = self.header().tail;
+        let mut looked = 0;
+
+        while entry != 0 && looked < VICTIM_SCAN {
+            // SAFETY: the list links only live entries.
+            let e = unsafe { &*self.at::<Entry>(entry) };
+            if e.state == State::NotRegistered as u8
+                || e.expires.saturating_add(e.keep as u64) <= now
+            {
+                return entry;
+            }
+            entry = e.newer;
+            looked += 1;
+        }
+
+        self.header().tail
     }
 
     /// Marks a cached name as being refreshed since `since` (the low 32 bits of the clock; 0 is
@@ -815,6 +840,31 @@ mod tests {
         assert!(cache.peek(b"name-0.example").is_some(), "recently used entry was evicted");
         assert_eq!(cache.peek(b"name-1.example"), None, "the coldest entry gives way first");
         assert_eq!(cache.failures(), 0);
+        check(&cache);
+    }
+
+    #[test]
+    fn not_registered_entries_give_way_before_registered_ones() {
+        let mut arena = HeapArena::new(16 * 1024);
+        let mut cache = Cache::create(&mut arena, SEED).unwrap();
+
+        // registered names first: the least recently used
+        for n in 0..10 {
+            put(&mut cache, &format!("customer-{n}.example"), State::Registered, 10_000);
+        }
+        // then a flood of invented names, until the arena is full and evictions begin
+        let mut n = 0;
+        while cache.evictions() < 20 {
+            put(&mut cache, &format!("junk-{n}.example"), State::NotRegistered, 10_000);
+            n += 1;
+            assert!(n < 10_000, "the arena never filled");
+        }
+
+        for n in 0..10 {
+            let name = format!("customer-{n}.example");
+            assert!(cache.peek(name.as_bytes()).is_some(), "{name} was evicted by the flood");
+        }
+        assert_eq!(cache.peek(b"junk-0.example"), None, "the oldest junk went first");
         check(&cache);
     }
 
