@@ -9,13 +9,17 @@ use nginx_sys::{
     ngx_command_t, ngx_conf_enum_t, ngx_conf_full_name, ngx_conf_set_enum_slot,
     ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_str_slot, ngx_conf_t, ngx_flag_t,
     ngx_http_core_srv_conf_t, ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_shared_memory_add,
-    ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_TAKE1,
-    NGX_CONF_TAKE12, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_HTTP_SRV_CONF_OFFSET,
-    NGX_LOG_EMERG,
+    ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS,
+    NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
+    NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_HTTP_SRV_CONF_OFFSET, NGX_LOG_EMERG, NGX_LOG_ERR,
+    NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN,
 };
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
-use ngx::http::{HttpModuleServerConf, NgxHttpCoreModule};
+use ngx::http::{
+    HttpModuleLocationConf, HttpModuleMainConf, HttpModuleServerConf, NgxHttpCoreModule,
+};
 use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
+use sni_guard_core::allow::AllowList;
 use sni_guard_core::lookup::{Client, ClientOptions, LookupUrl};
 use sni_guard_core::policy::Times;
 use sni_guard_core::shared::{BreakerSettings, Rate};
@@ -26,6 +30,9 @@ use crate::Module;
 const NGX_CONF_UNSET: ngx_flag_t = -1;
 const NGX_CONF_UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
 const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
+
+/// Longest `sni_guard_timeout`: a lookup on a miss blocks the worker for up to that long.
+const MAX_TIMEOUT: ngx_msec_t = 10_000;
 
 /// Reply bodies longer than this are a lookup error.
 const MAX_REPLY_BODY: usize = 16 * 1024;
@@ -38,6 +45,26 @@ const DEFAULT_BREAKER: (u32, u64) = (5, 10_000);
 pub enum OnError {
     Refuse = 0,
     Allow = 1,
+}
+
+/// The alert a refusal sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alert {
+    InternalError = 80,
+    UnrecognizedName = 112,
+}
+
+/// What every server of the http block shares: the zones, for the status page and the purge.
+#[derive(Default)]
+pub struct MainConf {
+    pub zones: Vec<*mut ngx_shm_zone_t>,
+}
+
+/// Configuration of a location: what `sni_guard_purge` purges.
+#[derive(Default)]
+pub struct LocConf {
+    /// The zone to purge; empty for every zone.
+    pub purge_zone: ngx_str_t,
 }
 
 /// What to do with a handshake that carries no server name.
@@ -56,7 +83,12 @@ pub struct SrvConf {
     pub no_sni: ngx_uint_t,
     pub stale: ngx_msec_t,
     pub on_error: ngx_uint_t,
+    pub alert: ngx_uint_t,
+    pub log_level: ngx_uint_t,
     pub zone: *mut ngx_shm_zone_t,
+
+    /// `sni_guard_allow`: names that pass without a lookup.
+    pub allow: Option<AllowList>,
 
     /// `sni_guard_lookup_rate`: the zone's budget and a client's share of it; `Some(None, _)`
     /// for `off`.
@@ -84,7 +116,10 @@ impl Default for SrvConf {
             no_sni: NGX_CONF_UNSET_UINT,
             stale: NGX_CONF_UNSET_MSEC,
             on_error: NGX_CONF_UNSET_UINT,
+            alert: NGX_CONF_UNSET_UINT,
+            log_level: NGX_CONF_UNSET_UINT,
             zone: ptr::null_mut(),
+            allow: None,
             rate: None,
             breaker: None,
             thread_pool_name: ngx_str_t::empty(),
@@ -120,6 +155,22 @@ impl SrvConf {
         self.breaker.unwrap_or(BreakerSettings { errors: 0, cooldown: 0, probe_timeout: 0 })
     }
 
+    pub fn alert(&self) -> Alert {
+        if self.alert == Alert::UnrecognizedName as ngx_uint_t {
+            Alert::UnrecognizedName
+        } else {
+            Alert::InternalError
+        }
+    }
+
+    pub fn log_level(&self) -> ngx_uint_t {
+        self.log_level
+    }
+
+    pub fn allows(&self, name: &sni_guard_core::names::Name) -> bool {
+        self.allow.as_ref().is_some_and(|list| list.matches(name))
+    }
+
     pub fn on_error(&self) -> OnError {
         if self.on_error == OnError::Allow as ngx_uint_t {
             OnError::Allow
@@ -149,9 +200,29 @@ static mut ON_ERROR_VALUES: [ngx_conf_enum_t; 3] = [
     ngx_conf_enum_t { name: ngx_str_t::empty(), value: 0 },
 ];
 
+static mut ALERT_VALUES: [ngx_conf_enum_t; 3] = [
+    ngx_conf_enum_t {
+        name: ngx_string!("internal_error"),
+        value: Alert::InternalError as ngx_uint_t,
+    },
+    ngx_conf_enum_t {
+        name: ngx_string!("unrecognized_name"),
+        value: Alert::UnrecognizedName as ngx_uint_t,
+    },
+    ngx_conf_enum_t { name: ngx_str_t::empty(), value: 0 },
+];
+
+static mut LOG_LEVELS: [ngx_conf_enum_t; 5] = [
+    ngx_conf_enum_t { name: ngx_string!("info"), value: NGX_LOG_INFO as ngx_uint_t },
+    ngx_conf_enum_t { name: ngx_string!("notice"), value: NGX_LOG_NOTICE as ngx_uint_t },
+    ngx_conf_enum_t { name: ngx_string!("warn"), value: NGX_LOG_WARN as ngx_uint_t },
+    ngx_conf_enum_t { name: ngx_string!("error"), value: NGX_LOG_ERR as ngx_uint_t },
+    ngx_conf_enum_t { name: ngx_str_t::empty(), value: 0 },
+];
+
 const HTTP_SRV: ngx_uint_t = (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF) as ngx_uint_t;
 
-pub static mut COMMANDS: [ngx_command_t; 14] = [
+pub static mut COMMANDS: [ngx_command_t; 19] = [
     ngx_command_t {
         name: ngx_string!("sni_guard"),
         type_: HTTP_SRV | NGX_CONF_FLAG as ngx_uint_t,
@@ -256,8 +327,90 @@ pub static mut COMMANDS: [ngx_command_t; 14] = [
         offset: offset_of!(SrvConf, thread_pool_name),
         post: ptr::null_mut(),
     },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_allow"),
+        type_: HTTP_SRV | NGX_CONF_1MORE as ngx_uint_t,
+        set: Some(cmd_set_allow),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_alert"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_conf_set_enum_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, alert),
+        post: ptr::addr_of_mut!(ALERT_VALUES) as *mut c_void,
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_log_level"),
+        type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
+        set: Some(ngx_conf_set_enum_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(SrvConf, log_level),
+        post: ptr::addr_of_mut!(LOG_LEVELS) as *mut c_void,
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_status"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(cmd_set_status),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("sni_guard_purge"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_set_purge),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
     ngx_command_t::empty(),
 ];
+
+pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    // SAFETY: as in `create_srv_conf`.
+    let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
+    pool.allocate(MainConf::default()).cast()
+}
+
+pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    // SAFETY: as in `create_srv_conf`.
+    let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
+    pool.allocate(LocConf::default()).cast()
+}
+
+/// Checks that a purged zone exists, once every zone of the http block is known.
+pub unsafe extern "C" fn merge_loc_conf(
+    cf: *mut ngx_conf_t,
+    _parent: *mut c_void,
+    child: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the configuration `create_loc_conf` made.
+    let conf = unsafe { &*child.cast::<LocConf>() };
+    if conf.purge_zone.is_empty() {
+        return NGX_CONF_OK;
+    }
+
+    // SAFETY: the http block's main configuration is complete while locations are merged.
+    let Some(main) = (unsafe { Module::main_conf(&*cf) }) else {
+        return NGX_CONF_ERROR;
+    };
+    // SAFETY: the zones were added by `cmd_set_zone` for this configuration.
+    let known = main.zones.iter().any(|&z| unsafe { (*z).shm.name == conf.purge_zone });
+    if !known {
+        ngx_log_error!(
+            NGX_LOG_EMERG,
+            unsafe { (*cf).log },
+            "unknown sni_guard_zone \"{}\" in \"sni_guard_purge\"",
+            conf.purge_zone
+        );
+        return NGX_CONF_ERROR;
+    }
+    NGX_CONF_OK
+}
 
 pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     // SAFETY: nginx passes a valid configuration context; the pool outlives the configuration
@@ -316,6 +469,12 @@ fn merge(conf: &mut SrvConf, prev: &SrvConf) {
     value(&mut conf.no_sni, prev.no_sni, NGX_CONF_UNSET_UINT, NoSni::Allow as ngx_uint_t);
     value(&mut conf.stale, prev.stale, NGX_CONF_UNSET_MSEC, 60 * 60 * 1000);
     value(&mut conf.on_error, prev.on_error, NGX_CONF_UNSET_UINT, OnError::Refuse as ngx_uint_t);
+    value(&mut conf.alert, prev.alert, NGX_CONF_UNSET_UINT, Alert::InternalError as ngx_uint_t);
+    value(&mut conf.log_level, prev.log_level, NGX_CONF_UNSET_UINT, NGX_LOG_INFO as ngx_uint_t);
+
+    if conf.allow.is_none() {
+        conf.allow.clone_from(&prev.allow);
+    }
 
     if conf.rate.is_none() {
         conf.rate = prev.rate;
@@ -350,6 +509,10 @@ fn merge(conf: &mut SrvConf, prev: &SrvConf) {
 fn finish(cf: *mut ngx_conf_t, conf: &mut SrvConf, prev: &mut SrvConf) -> Result<(), String> {
     if conf.timeout == 0 {
         return Err("\"sni_guard_timeout\" must be more than 0".into());
+    }
+    // A miss blocks the worker for up to this long.
+    if conf.timeout > MAX_TIMEOUT {
+        return Err("\"sni_guard_timeout\" must not be more than 10s".into());
     }
     if conf.stale > u32::MAX as ngx_msec_t {
         return Err("\"sni_guard_stale\" must be less than 49 days".into());
@@ -515,6 +678,21 @@ extern "C" fn cmd_set_lookup(
         }
     };
 
+    // The module appends "domain=NAME"; a URL with one already would send two, and many
+    // services read the first.
+    let has_domain = url
+        .path_and_query()
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|p| p.split('=').next() == Some("domain")));
+    if has_domain {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "invalid URL \"{text}\": the module adds the \"domain\" parameter itself"
+        );
+        return NGX_CONF_ERROR;
+    }
+
     let addrs = match url.resolve() {
         Ok(addrs) if !addrs.is_empty() => addrs,
         Ok(_) => {
@@ -593,6 +771,13 @@ extern "C" fn cmd_set_zone(
         }
         shm_zone.data = ctx.cast();
         shm_zone.init = Some(zone::init);
+
+        // SAFETY: the directive is parsed inside the http block, whose main configuration
+        // exists.
+        let Some(main) = (unsafe { Module::main_conf_mut(&*cf) }) else {
+            return NGX_CONF_ERROR;
+        };
+        main.zones.push(shm_zone);
     }
 
     conf.zone = shm_zone;
@@ -711,6 +896,66 @@ extern "C" fn cmd_set_breaker(
     }
 }
 
+extern "C" fn cmd_set_allow(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the server configuration and the directive's words.
+    let conf = unsafe { &mut *conf.cast::<SrvConf>() };
+    let args = unsafe { (*(*cf).args).as_slice::<ngx_str_t>() };
+
+    let list = conf.allow.get_or_insert_with(AllowList::default);
+
+    for arg in &args[1..] {
+        let text = String::from_utf8_lossy(arg.as_bytes());
+        if let Err(e) = list.add(&text) {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid name \"{text}\": {e}");
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    NGX_CONF_OK
+}
+
+extern "C" fn cmd_set_status(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    set_handler(cf, crate::status::status_handler)
+}
+
+extern "C" fn cmd_set_purge(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the location configuration and the directive's words.
+    let conf = unsafe { &mut *conf.cast::<LocConf>() };
+    let args = unsafe { (*(*cf).args).as_slice::<ngx_str_t>() };
+    if let [_, zone] = args {
+        conf.purge_zone = *zone;
+    }
+    set_handler(cf, crate::status::purge_handler)
+}
+
+/// Makes a content handler the handler of the location being parsed.
+fn set_handler(
+    cf: *mut ngx_conf_t,
+    handler: unsafe extern "C" fn(*mut nginx_sys::ngx_http_request_t) -> nginx_sys::ngx_int_t,
+) -> *mut c_char {
+    // SAFETY: location directives are parsed with the location's context in `cf`.
+    let Some(clcf) = (unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) }) else {
+        return NGX_CONF_ERROR;
+    };
+    if clcf.handler.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    clcf.handler = Some(handler);
+    NGX_CONF_OK
+}
+
 /// An I/O error the way nginx prints one: "(2: No such file or directory)".
 fn os_error(e: &std::io::Error) -> String {
     let text = e.to_string();
@@ -735,6 +980,15 @@ fn file_name(cscf: &ngx_http_core_srv_conf_t) -> String {
         return String::new();
     }
     unsafe { core::ffi::CStr::from_ptr(cscf.file_name.cast()) }.to_string_lossy().into_owned()
+}
+
+// SAFETY: these are the types `create_main_conf` and `create_loc_conf` allocate.
+unsafe impl HttpModuleMainConf for Module {
+    type MainConf = MainConf;
+}
+
+unsafe impl HttpModuleLocationConf for Module {
+    type LocationConf = LocConf;
 }
 
 /// Server configuration of the server a core server configuration belongs to.

@@ -46,9 +46,14 @@ enum Plan {
 pub fn decide(conf: &'static SrvConf, name: &Name, c: &ngx_connection_t) -> Decision {
     let log = c.log;
 
+    if conf.allows(name) {
+        ngx_log_debug!(log, "sni_guard: \"{name}\" on the allow list");
+        return Decision::Allow(Allowance::AllowListed);
+    }
+
     // SAFETY: a server with the guard on has a zone (checked at configuration time).
     let Some(zone) = (unsafe { conf.zone.as_ref() }) else {
-        return refuse(log, name, Refusal::LookupError, "no zone");
+        return refuse(conf, log, name, Refusal::LookupError, "no zone");
     };
 
     let now = current_msec();
@@ -111,7 +116,7 @@ pub fn decide(conf: &'static SrvConf, name: &Name, c: &ngx_connection_t) -> Deci
         }
         Plan::Cached(State::NotRegistered) => {
             count(true);
-            refuse(log, name, Refusal::NotRegistered, "not registered")
+            refuse(conf, log, name, Refusal::NotRegistered, "not registered")
         }
         Plan::Stale { refresh } => {
             count(true);
@@ -123,7 +128,7 @@ pub fn decide(conf: &'static SrvConf, name: &Name, c: &ngx_connection_t) -> Deci
         }
         Plan::OverBudget => {
             count(false);
-            refuse(log, name, Refusal::OverBudget, "over the lookup budget")
+            refuse(conf, log, name, Refusal::OverBudget, "over the lookup budget")
         }
         Plan::Shut => {
             count(false);
@@ -142,7 +147,7 @@ pub fn decide(conf: &'static SrvConf, name: &Name, c: &ngx_connection_t) -> Deci
 /// Asks the lookup service on this handshake, blocking the worker for at most the timeout.
 fn look_up(conf: &SrvConf, zone: &ngx_shm_zone_t, name: &Name, log: *mut ngx_log_t) -> Decision {
     let Some(client) = conf.client.as_ref() else {
-        return refuse(log, name, Refusal::LookupError, "no lookup");
+        return refuse(conf, log, name, Refusal::LookupError, "no lookup");
     };
 
     let started = Instant::now();
@@ -158,7 +163,7 @@ fn look_up(conf: &SrvConf, zone: &ngx_shm_zone_t, name: &Name, log: *mut ngx_log
     match result {
         Ok(Answer::Registered { .. }) => Decision::Allow(Allowance::Lookup),
         Ok(Answer::NotRegistered { .. }) => {
-            refuse(log, name, Refusal::NotRegistered, "not registered")
+            refuse(conf, log, name, Refusal::NotRegistered, "not registered")
         }
         Err(_) => on_error(conf, log, name, "lookup error"),
     }
@@ -246,7 +251,7 @@ fn held_back(held: u64) -> String {
 /// Applies `sni_guard_on_error` to a name that could not be looked up.
 fn on_error(conf: &SrvConf, log: *mut ngx_log_t, name: &Name, reason: &str) -> Decision {
     match conf.on_error() {
-        OnError::Refuse => refuse(log, name, Refusal::LookupError, reason),
+        OnError::Refuse => refuse(conf, log, name, Refusal::LookupError, reason),
         OnError::Allow => {
             ngx_log_debug!(log, "sni_guard: \"{name}\" allowed on error: {reason}");
             Decision::Allow(Allowance::OnError)
@@ -254,8 +259,14 @@ fn on_error(conf: &SrvConf, log: *mut ngx_log_t, name: &Name, reason: &str) -> D
     }
 }
 
-fn refuse(log: *mut ngx_log_t, name: &Name, why: Refusal, reason: &str) -> Decision {
-    hook::log_refusal(log, name.as_str(), reason);
+fn refuse(
+    conf: &SrvConf,
+    log: *mut ngx_log_t,
+    name: &Name,
+    why: Refusal,
+    reason: &str,
+) -> Decision {
+    hook::log_refusal(conf, log, name.as_str(), reason);
     Decision::Refuse(why)
 }
 

@@ -12,6 +12,7 @@
 
 use core::ffi::{c_int, c_void};
 use core::ptr;
+use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
@@ -20,16 +21,17 @@ use nginx_sys::{
     ngx_http_connection_t, ngx_http_core_srv_conf_t, ngx_int_t, ngx_log_t,
     ngx_ssl_connection_index, CRYPTO_get_ex_new_index, SSL_CTX_set_client_hello_cb,
     SSL_client_hello_get0_ext, SSL_get_ex_data, SSL_set_ex_data, CRYPTO_EX_INDEX_SSL,
-    NGX_LOG_ALERT, NGX_LOG_EMERG, NGX_LOG_INFO, SSL, SSL_AD_INTERNAL_ERROR, SSL_CLIENT_HELLO_ERROR,
+    NGX_LOG_ALERT, NGX_LOG_EMERG, NGX_LOG_WARN, SSL, SSL_CLIENT_HELLO_ERROR,
     SSL_CLIENT_HELLO_SUCCESS,
 };
 use ngx::core::Status;
 use ngx::http::{HttpModuleMainConf, HttpModuleServerConf, NgxHttpCoreModule, NgxHttpSslModule};
 use ngx::ngx_log_error;
+use sni_guard_core::cache::siphash13;
 use sni_guard_core::names;
-use sni_guard_core::shared::{Allowance, Decision, Refusal, Stats};
+use sni_guard_core::shared::{Allowance, Decision, LogLimit, Refusal, Stats};
 
-use crate::conf::{self, NoSni, SrvConf};
+use crate::conf::{self, Alert, NoSni, SrvConf};
 use crate::{guard, zone};
 
 /// TLS extension number of server_name (RFC 6066).
@@ -85,6 +87,13 @@ pub unsafe extern "C" fn install(cf: *mut ngx_conf_t) -> ngx_int_t {
     Status::NGX_OK.into()
 }
 
+/// The decision made on a connection's handshake, if the guard made one.
+pub fn decision(ssl: *mut SSL) -> Option<Decision> {
+    let index = DECISION_INDEX.get().copied()?;
+    // SAFETY: the index was registered for SSL objects; the value holds a decision's code.
+    Decision::from_code(unsafe { SSL_get_ex_data(ssl, index) } as usize & CODE_MASK)
+}
+
 fn decision_index() -> Option<c_int> {
     let index = *DECISION_INDEX.get_or_init(|| {
         // SAFETY: a plain index registration with no callbacks; the stored values are small
@@ -105,9 +114,11 @@ fn decision_index() -> Option<c_int> {
 
 /// The ClientHello callback.
 ///
-/// The decision is kept in the SSL object's ex_data: a second ClientHello on the same connection
-/// (after a HelloRetryRequest) gets the first decision, with no second lookup and no second
-/// count.
+/// The decision is kept in the SSL object's ex_data, with a fingerprint of the server_name
+/// extension it was made for. A second ClientHello on the same connection (after a TLS 1.3
+/// HelloRetryRequest) gets the first decision, with no second lookup and no second count - if
+/// it names the same server. RFC 8446 (4.1.2) forbids the name to change, but OpenSSL does not
+/// enforce it and nginx would select the server by the new name: a changed name is refused.
 unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, _arg: *mut c_void) -> c_int {
     // SAFETY: nginx stores its connection in every SSL object it creates.
     let c = unsafe { SSL_get_ex_data(ssl, ngx_ssl_connection_index) }.cast::<ngx_connection_t>();
@@ -115,73 +126,110 @@ unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, _arg: *mut c
         return SSL_CLIENT_HELLO_SUCCESS as c_int;
     };
 
+    let fingerprint = fingerprint(server_name_ext(ssl));
     // SAFETY: the index was registered for SSL objects.
-    let earlier = Decision::from_code(unsafe { SSL_get_ex_data(ssl, index) } as usize);
+    let earlier = unsafe { SSL_get_ex_data(ssl, index) } as usize;
 
-    let decision = match earlier {
-        Some(decision) => Some(decision),
-        None => {
-            let decided = catch_unwind(AssertUnwindSafe(|| check(ssl, c))).unwrap_or_else(|_| {
-                ngx_log_error!(NGX_LOG_ALERT, c.log, "sni_guard: panic in the handshake check");
-                Some((Decision::Refuse(Refusal::LookupError), None))
-            });
-            decided.map(|(decision, stats)| {
-                if let Some(stats) = stats {
-                    match decision {
-                        Decision::Allow(how) => stats.allowed(how),
-                        Decision::Refuse(why) => stats.refused(why),
-                    }
-                }
-                // SAFETY: as above; the value is a small integer, not a pointer to free.
-                unsafe { SSL_set_ex_data(ssl, index, decision.code() as *mut c_void) };
-                decision
-            })
+    let decision = if earlier != 0 {
+        if earlier & !CODE_MASK == fingerprint {
+            // A second ClientHello follows only an allowed first one (a refusal ends the
+            // handshake), so the alert is never sent for an earlier decision.
+            Decision::from_code(earlier & CODE_MASK).map(|d| (d, Alert::InternalError))
+        } else {
+            log_info(c.log, "sni_guard refused handshake: server name changed after a retry");
+            Some((Decision::Refuse(Refusal::InvalidName), Alert::InternalError))
         }
+    } else {
+        let decided = catch_unwind(AssertUnwindSafe(|| check(ssl, c))).unwrap_or_else(|_| {
+            ngx_log_error!(NGX_LOG_ALERT, c.log, "sni_guard: panic in the handshake check");
+            Some((Decision::Refuse(Refusal::LookupError), None))
+        });
+
+        if let Some((decision, conf)) = decided {
+            if let Some(stats) = conf.and_then(stats) {
+                match decision {
+                    Decision::Allow(how) => stats.allowed(how),
+                    Decision::Refuse(why) => stats.refused(why),
+                }
+            }
+        }
+
+        let code = decided.map_or(NOT_GUARDED, |(decision, _)| decision.code());
+        // SAFETY: as above; the value is an integer, not a pointer to free.
+        unsafe { SSL_set_ex_data(ssl, index, (fingerprint | code) as *mut c_void) };
+
+        decided
+            .map(|(decision, conf)| (decision, conf.map_or(Alert::InternalError, SrvConf::alert)))
     };
 
     match decision {
-        None | Some(Decision::Allow(_)) => SSL_CLIENT_HELLO_SUCCESS as c_int,
-        Some(Decision::Refuse(_)) => {
+        None | Some((Decision::Allow(_), _)) => SSL_CLIENT_HELLO_SUCCESS as c_int,
+        Some((Decision::Refuse(_), how)) => {
             // SAFETY: `c->ssl` is set for a connection in a handshake; marking the handshake as
             // rejected makes nginx log it at info level instead of as a failure.
             if let Some(ssl_conn) = unsafe { c.ssl.as_mut() } {
                 ssl_conn.set_handshake_rejected(1);
             }
             // SAFETY: OpenSSL passes a valid alert pointer.
-            unsafe { *alert = SSL_AD_INTERNAL_ERROR as c_int };
+            unsafe { *alert = how as c_int };
             SSL_CLIENT_HELLO_ERROR as c_int
         }
     }
 }
 
+/// The low bits of the value kept per connection hold the decision's code, the rest the
+/// fingerprint of the server name it was made for.
+const CODE_MASK: usize = 0xff;
+
+/// The code kept for a handshake the guard let through because it is off for that server.
+const NOT_GUARDED: usize = 0xff;
+
+/// The server_name extension of the ClientHello being handled, if it has one.
+fn server_name_ext<'a>(ssl: *mut SSL) -> Option<&'a [u8]> {
+    let mut ext: *const u8 = ptr::null();
+    let mut len = 0usize;
+    // SAFETY: OpenSSL fills in a pointer into the ClientHello it holds, valid for the callback.
+    let present =
+        unsafe { SSL_client_hello_get0_ext(ssl, TLSEXT_SERVER_NAME, &mut ext, &mut len) } == 1;
+    if !present || ext.is_null() {
+        return None;
+    }
+    // SAFETY: `ext` points at `len` bytes, as above.
+    Some(unsafe { core::slice::from_raw_parts(ext, len) })
+}
+
+/// A fingerprint of a server_name extension (or of its absence), in the bits above `CODE_MASK`.
+fn fingerprint(ext: Option<&[u8]>) -> usize {
+    let hash = match ext {
+        Some(ext) => siphash13([0x736e_6967_7561_7264, 1], ext),
+        None => siphash13([0x736e_6967_7561_7264, 2], b""),
+    };
+    (hash as usize) & !CODE_MASK
+}
+
+fn log_info(log: *mut ngx_log_t, text: &str) {
+    ngx_log_error!(nginx_sys::NGX_LOG_INFO, log, "{text}");
+}
+
 /// Decides on one handshake: `None` where the guard is off, else the decision and the counters
 /// of the zone it was made with.
-fn check(ssl: *mut SSL, c: &ngx_connection_t) -> Option<(Decision, Option<&'static Stats>)> {
+fn check(ssl: *mut SSL, c: &ngx_connection_t) -> Option<(Decision, Option<&'static SrvConf>)> {
     // SAFETY: in an http connection's handshake, `c->data` is its ngx_http_connection_t and
     // `addr_conf` the configuration of the address it was accepted on.
     let addr_conf = unsafe { c.data.cast::<ngx_http_connection_t>().as_ref() }
         .and_then(|hc| unsafe { hc.addr_conf.as_ref() })?;
 
-    let mut ext: *const u8 = ptr::null();
-    let mut ext_len = 0usize;
-    // SAFETY: OpenSSL fills in a pointer into the ClientHello it holds, valid for this call.
-    let present =
-        unsafe { SSL_client_hello_get0_ext(ssl, TLSEXT_SERVER_NAME, &mut ext, &mut ext_len) } == 1;
-
-    if !present || ext.is_null() {
+    let Some(ext) = server_name_ext(ssl) else {
         let conf = server_conf(addr_conf.default_server)?;
         let decision = match conf.no_sni() {
             NoSni::Allow => Decision::Allow(Allowance::NoSni),
             NoSni::Refuse => {
-                log_refusal(c.log, "", "no server name");
+                log_refusal(conf, c.log, "", "no server name");
                 Decision::Refuse(Refusal::NoSni)
             }
         };
-        return Some((decision, stats(conf)));
-    }
-
-    // SAFETY: `ext` points at `ext_len` bytes owned by OpenSSL for the duration of the call.
-    let ext = unsafe { core::slice::from_raw_parts(ext, ext_len) };
+        return Some((decision, Some(conf)));
+    };
 
     let raw = match names::parse_server_name_ext(ext) {
         Ok(raw) => raw,
@@ -189,8 +237,8 @@ fn check(ssl: *mut SSL, c: &ngx_connection_t) -> Option<(Decision, Option<&'stat
             // OpenSSL itself refuses such a ClientHello a moment later; a guarded default
             // server refuses it first, with the guard's alert.
             let conf = server_conf(addr_conf.default_server)?;
-            log_refusal(c.log, "", e.as_str());
-            return Some((Decision::Refuse(Refusal::InvalidName), stats(conf)));
+            log_refusal(conf, c.log, "", e.as_str());
+            return Some((Decision::Refuse(Refusal::InvalidName), Some(conf)));
         }
     };
 
@@ -199,17 +247,29 @@ fn check(ssl: *mut SSL, c: &ngx_connection_t) -> Option<(Decision, Option<&'stat
     let decision = match names::normalise(raw) {
         Ok(name) => guard::decide(conf, &name, c),
         Err(e) => {
-            log_refusal(c.log, &raw.escape_ascii().to_string(), e.as_str());
+            log_refusal(conf, c.log, &printable(raw), e.as_str());
             Decision::Refuse(Refusal::InvalidName)
         }
     };
 
-    Some((decision, stats(conf)))
+    Some((decision, Some(conf)))
 }
 
 fn stats(conf: &SrvConf) -> Option<&'static Stats> {
     // SAFETY: the zone lives as long as the configuration.
     zone::stats(unsafe { conf.zone.as_ref()? })
+}
+
+/// A raw name for a log line: escaped, and cut short so that nginx's line limit keeps the
+/// reason and the client address.
+fn printable(raw: &[u8]) -> String {
+    const MAX: usize = 300;
+    let mut text: String = raw.escape_ascii().to_string();
+    if text.len() > MAX {
+        text.truncate(MAX);
+        text.push_str("...");
+    }
+    text
 }
 
 /// The settings of a server, when the guard is on there.
@@ -265,11 +325,27 @@ fn select_server(addr_conf: &ngx_http_addr_conf_t, raw: &[u8]) -> *mut ngx_http_
     default
 }
 
-/// Logs a refusal, at info level: under attack there is one per handshake.
-pub fn log_refusal(log: *mut ngx_log_t, name: &str, reason: &str) {
+/// Logs a refusal at the server's `sni_guard_log_level`. Under attack there is one refusal per
+/// handshake, so at warn and above at most ten lines a second per worker are written, and the
+/// rest are counted in the next one.
+pub fn log_refusal(conf: &SrvConf, log: *mut ngx_log_t, name: &str, reason: &str) {
+    thread_local! {
+        static LINES: RefCell<LogLimit> = RefCell::new(LogLimit::default());
+    }
+
+    let level = conf.log_level();
+    let mut held = 0;
+    if level <= NGX_LOG_WARN as nginx_sys::ngx_uint_t {
+        match LINES.with(|l| l.borrow_mut().admit(guard::current_msec(), 1000, 10)) {
+            Some(n) => held = n,
+            None => return,
+        }
+    }
+    let held = if held == 0 { String::new() } else { format!(" ({held} more not logged)") };
+
     if name.is_empty() {
-        ngx_log_error!(NGX_LOG_INFO, log, "sni_guard refused handshake: {reason}");
+        ngx_log_error!(level, log, "sni_guard refused handshake: {reason}{held}");
     } else {
-        ngx_log_error!(NGX_LOG_INFO, log, "sni_guard refused \"{name}\": {reason}");
+        ngx_log_error!(level, log, "sni_guard refused \"{name}\": {reason}{held}");
     }
 }

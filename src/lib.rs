@@ -17,6 +17,8 @@ mod conf;
 mod guard;
 mod hook;
 mod refresh;
+mod status;
+mod variables;
 mod zone;
 
 pub(crate) struct Module;
@@ -25,6 +27,10 @@ impl HttpModule for Module {
     fn module() -> &'static ngx_module_t {
         // SAFETY: the module static is only written by nginx while it loads the configuration.
         unsafe { &*addr_of!(ngx_http_sni_guard_module) }
+    }
+
+    unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        variables::add(cf)
     }
 
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
@@ -38,14 +44,14 @@ unsafe impl HttpModuleServerConf for Module {
 }
 
 static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: None,
+    preconfiguration: Some(Module::preconfiguration),
     postconfiguration: Some(Module::postconfiguration),
-    create_main_conf: None,
+    create_main_conf: Some(conf::create_main_conf),
     init_main_conf: None,
     create_srv_conf: Some(conf::create_srv_conf),
     merge_srv_conf: Some(conf::merge_srv_conf),
-    create_loc_conf: None,
-    merge_loc_conf: None,
+    create_loc_conf: Some(conf::create_loc_conf),
+    merge_loc_conf: Some(conf::merge_loc_conf),
 };
 
 // Built by cargo alone, the library carries its own `ngx_modules` table; built by nginx's

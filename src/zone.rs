@@ -24,7 +24,7 @@ use ngx::core::Status;
 use ngx::ngx_log_error;
 use sni_guard_core::cache::{Arena, Cache};
 use sni_guard_core::lookup::LookupUrl;
-use sni_guard_core::shared::{BreakerSettings, Rate, Stats, ZoneState};
+use sni_guard_core::shared::{service_id, BreakerSettings, Rate, Stats, ZoneState};
 
 /// Smallest zone accepted: the slab pool's own pages, the shared state and some cache.
 pub const MIN_SIZE: usize = 64 * 1024;
@@ -99,12 +99,18 @@ pub unsafe extern "C" fn init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_void) 
         return Status::NGX_ERROR.into();
     };
     // SAFETY: `data` of our zones is always a `ZoneCtx`, set by `sni_guard_zone`.
-    let name = unsafe { &(*shm_zone.data.cast::<ZoneCtx>()).name }.clone();
+    let ctx = unsafe { &*shm_zone.data.cast::<ZoneCtx>() };
+    let name = ctx.name.clone();
+    let service = ctx
+        .url
+        .as_ref()
+        .map(|u| service_id(u.scheme().as_str(), u.host(), u.port(), u.path_and_query()));
     let log = shm_zone.shm.log;
 
     if !data.is_null() || shm_zone.shm.exists != 0 {
         // The zone survived a reload: keep it when this build understands its layout.
         if with_lock(pool, || open(pool).is_some_and(|z| !z.cache.interrupted())) {
+            adopt(pool, service, &name, log);
             return Status::NGX_OK.into();
         }
         ngx_log_error!(
@@ -127,7 +133,38 @@ pub unsafe extern "C" fn init(shm_zone: *mut ngx_shm_zone_t, data: *mut c_void) 
         }
     }
 
+    adopt(pool, service, &name, log);
     Status::NGX_OK.into()
+}
+
+/// Records which lookup service the zone caches answers of; answers kept from another service
+/// (the zone kept, or carried over, across a reload that changed `sni_guard_lookup`) are
+/// dropped.
+fn adopt(pool: NonNull<ngx_slab_pool_t>, service: Option<u64>, name: &str, log: *mut ngx_log_t) {
+    let Some(service) = service else {
+        return;
+    };
+
+    let dropped = with_lock(pool, || {
+        let mut zone = open(pool)?;
+        let dropped = if zone.state.service != service && zone.state.service != 0 {
+            let n = zone.cache.len();
+            zone.cache.clear();
+            n
+        } else {
+            0
+        };
+        zone.state.service = service;
+        Some(dropped)
+    });
+
+    if let Some(dropped @ 1..) = dropped {
+        ngx_log_error!(
+            NGX_LOG_NOTICE,
+            log,
+            "sni_guard zone \"{name}\" now caches another lookup service, {dropped} entries dropped"
+        );
+    }
 }
 
 /// The same zone in the configuration being replaced, if it had one of another size.
@@ -165,9 +202,11 @@ fn carry_over(old: &ngx_shm_zone_t, new: &ngx_shm_zone_t, name: &str) {
         return;
     };
 
+    let mut service = 0;
     with_lock(old_pool, || {
         if let Some(zone) = open(old_pool).filter(|z| !z.cache.interrupted()) {
             zone.cache.for_each(|name, found| entries.push((name.to_vec(), found)));
+            service = zone.state.service;
         }
     });
 
@@ -180,6 +219,7 @@ fn carry_over(old: &ngx_shm_zone_t, new: &ngx_shm_zone_t, name: &str) {
         let Some(mut zone) = open(new_pool) else {
             return 0;
         };
+        zone.state.service = service;
         entries
             .iter()
             .rev()

@@ -4,9 +4,11 @@
 //! and runs on any toolchain. Time is always passed in as milliseconds of a monotonic clock,
 //! never read here, so expiry is tested without sleeping.
 
+pub mod allow;
 pub mod answer;
 pub mod cache;
 pub mod lookup;
 pub mod names;
 pub mod policy;
 pub mod shared;
+pub mod status;

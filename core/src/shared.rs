@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 const MAGIC: u64 = u64::from_le_bytes(*b"draugins");
 
 /// Bumped whenever [`ZoneState`] or anything in it changes shape.
-const LAYOUT: u32 = 1;
+const LAYOUT: u32 = 2;
 
 /// Slots of the per-client budgets; clients whose addresses hash alike share one.
 pub const CLIENT_SLOTS: usize = 1024;
@@ -23,6 +23,8 @@ pub struct ZoneState {
     pub cache: u32,
     /// Keys of the client address hash.
     pub seed: [u64; 2],
+    /// Which lookup service the cached answers came from (see [`service_id`]); 0 for none yet.
+    pub service: u64,
     pub budget: Bucket,
     pub clients: [Bucket; CLIENT_SLOTS],
     pub breaker: Breaker,
@@ -37,6 +39,7 @@ impl ZoneState {
             layout: LAYOUT,
             cache,
             seed,
+            service: 0,
             budget: Bucket::default(),
             clients: [Bucket::default(); CLIENT_SLOTS],
             breaker: Breaker::default(),
@@ -48,6 +51,13 @@ impl ZoneState {
     pub fn is_understood(&self) -> bool {
         self.magic == MAGIC && self.layout == LAYOUT
     }
+}
+
+/// Names a lookup service, so that a zone kept across a reload can tell whether its answers
+/// came from the service now configured: scheme, host (any case), port, path and query.
+pub fn service_id(scheme: &str, host: &str, port: u16, path_and_query: &str) -> u64 {
+    let key = format!("{scheme}://{}:{port}{path_and_query}", host.to_ascii_lowercase());
+    crate::cache::siphash13([0x7365_7276_6963_6573, 0], key.as_bytes()).max(1)
 }
 
 /// A lookup budget: a rate in requests per second and a burst.
@@ -191,6 +201,15 @@ impl Breaker {
         if self.state == Self::PROBING || (settings.errors > 0 && self.errors >= settings.errors) {
             self.state = Self::OPEN;
             self.until = now.saturating_add(settings.cooldown);
+        }
+    }
+
+    /// "closed", "open", or "probing" while a probe lookup is out.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            Self::CLOSED => "closed",
+            Self::OPEN => "open",
+            _ => "probing",
         }
     }
 
@@ -520,10 +539,12 @@ mod tests {
             b.record(false, s, now);
         }
         assert!(b.is_open());
+        assert_eq!(b.state_name(), "open");
         assert_eq!(b.admit(s, 60), Admission::Shut);
         assert_eq!(b.admit(s, 1049), Admission::Shut, "still cooling down");
 
         assert_eq!(b.admit(s, 1050), Admission::Probe);
+        assert_eq!(b.state_name(), "probing");
         assert_eq!(b.admit(s, 1060), Admission::Shut, "one probe at a time");
         b.record(false, s, 1100);
         assert_eq!(b.admit(s, 1200), Admission::Shut, "a failed probe opens it again");
@@ -531,6 +552,7 @@ mod tests {
         assert_eq!(b.admit(s, 2100), Admission::Probe);
         b.record(true, s, 2110);
         assert!(!b.is_open());
+        assert_eq!(b.state_name(), "closed");
         assert_eq!(b.admit(s, 2120), Admission::Go, "a good probe closes it");
     }
 
@@ -590,6 +612,16 @@ mod tests {
         assert_eq!(Decision::from_code(0), None);
         assert_eq!(Decision::from_code(15), None);
         assert_eq!(Decision::from_code(99), None);
+    }
+
+    #[test]
+    fn service_ids_ignore_host_case_only() {
+        let id = service_id("http", "Lookup.Example", 80, "/check");
+        assert_eq!(id, service_id("http", "lookup.example", 80, "/check"));
+        assert_ne!(id, service_id("https", "lookup.example", 80, "/check"));
+        assert_ne!(id, service_id("http", "lookup.example", 81, "/check"));
+        assert_ne!(id, service_id("http", "lookup.example", 80, "/check?x=1"));
+        assert_ne!(id, 0);
     }
 
     #[test]

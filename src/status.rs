@@ -1,0 +1,247 @@
+//! The status page (`sni_guard_status`) and the cache purge (`sni_guard_purge`): two content
+//! handlers for locations an operator protects with allow/deny or auth.
+
+use std::ptr::NonNull;
+
+use nginx_sys::{
+    ngx_create_temp_buf, ngx_http_arg, ngx_http_discard_request_body, ngx_http_output_filter,
+    ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_pagesize, ngx_pnalloc, ngx_shm_zone_t,
+    ngx_slab_pool_t, ngx_str_t, NGX_HTTP_DELETE, NGX_HTTP_GET, NGX_HTTP_HEAD,
+};
+use ngx::core::Status;
+use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf};
+use sni_guard_core::names;
+use sni_guard_core::status::{to_json, to_prometheus, ZoneReport};
+
+use crate::{zone, Module};
+
+const HTTP_OK: usize = 200;
+const HTTP_NO_CONTENT: usize = 204;
+const HTTP_BAD_REQUEST: usize = 400;
+const HTTP_NOT_FOUND: usize = 404;
+const HTTP_NOT_ALLOWED: ngx_int_t = 405;
+
+const NGX_OK: ngx_int_t = 0;
+const NGX_ERROR: ngx_int_t = -1;
+
+/// `GET`: the counters of every zone, as JSON, or in the Prometheus text format with
+/// `?format=prometheus` or an `Accept` header that asks for `text/plain`.
+pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx passes the request being handled.
+    let r = unsafe { &mut *r };
+
+    if r.method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as usize == 0 {
+        return HTTP_NOT_ALLOWED;
+    }
+
+    let Some(main) = Module::main_conf(r) else {
+        return Status::NGX_ERROR.into();
+    };
+
+    let reports: Vec<ZoneReport> = main
+        .zones
+        .iter()
+        // SAFETY: the zones belong to the configuration serving the request.
+        .filter_map(|&z| report(unsafe { &*z }, r.connection_log()))
+        .collect();
+
+    let prometheus = arg(r, "format").is_some_and(|f| f == b"prometheus")
+        || (arg(r, "format").is_none() && accepts_text(r));
+
+    if prometheus {
+        respond(r, HTTP_OK, "text/plain; version=0.0.4", to_prometheus(&reports).as_bytes())
+    } else {
+        respond(r, HTTP_OK, "application/json", to_json(&reports).as_bytes())
+    }
+}
+
+/// `DELETE ?name=NAME` removes a name from the cache (204, or 404 when it was not cached);
+/// `DELETE` alone empties it (204). The location's zone, or every zone.
+pub unsafe extern "C" fn purge_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx passes the request being handled.
+    let r = unsafe { &mut *r };
+
+    if r.method & NGX_HTTP_DELETE as usize == 0 {
+        return HTTP_NOT_ALLOWED;
+    }
+
+    let (Some(main), Some(lcf)) = (Module::main_conf(r), Module::location_conf(r)) else {
+        return Status::NGX_ERROR.into();
+    };
+
+    let zones: Vec<&ngx_shm_zone_t> = main
+        .zones
+        .iter()
+        // SAFETY: the zones belong to the configuration serving the request.
+        .map(|&z| unsafe { &*z })
+        .filter(|z| lcf.purge_zone.is_empty() || z.shm.name.as_bytes() == lcf.purge_zone.as_bytes())
+        .collect();
+
+    let log = r.connection_log();
+
+    let Some(raw) = arg(r, "name") else {
+        for zone in zones {
+            zone::with_zone(zone, log, |z| z.cache.clear());
+        }
+        return respond(r, HTTP_NO_CONTENT, "text/plain", b"");
+    };
+
+    let decoded = percent_decode(&raw);
+    let name = match names::normalise(&decoded) {
+        Ok(name) => name,
+        Err(e) => {
+            let body = format!("invalid name: {e}\n");
+            return respond(r, HTTP_BAD_REQUEST, "text/plain", body.as_bytes());
+        }
+    };
+
+    let removed = zones
+        .into_iter()
+        .filter_map(|zone| zone::with_zone(zone, log, |z| z.cache.remove(name.as_bytes())))
+        .fold(false, |any, removed| any | removed);
+
+    if removed {
+        respond(r, HTTP_NO_CONTENT, "text/plain", b"")
+    } else {
+        respond(r, HTTP_NOT_FOUND, "text/plain", format!("\"{name}\" is not cached\n").as_bytes())
+    }
+}
+
+/// Reads a zone for the report: the counters without the lock, the rest with it.
+fn report(zone: &ngx_shm_zone_t, log: *mut nginx_sys::ngx_log_t) -> Option<ZoneReport> {
+    let name = String::from_utf8_lossy(zone.shm.name.as_bytes());
+    let mut report = ZoneReport::from_stats(&name, zone::stats(zone)?);
+
+    zone::with_zone(zone, log, |z| {
+        report.entries = z.cache.len() as u64;
+        report.evictions = z.cache.evictions();
+        report.breaker = z.state.breaker.state_name();
+        report.breaker_errors = z.state.breaker.errors();
+    })?;
+
+    report.bytes_total = zone.shm.size as u64;
+    report.bytes_used = bytes_used(zone).unwrap_or(0);
+    Some(report)
+}
+
+/// Bytes of the zone's slab pages in use, whole pages counted.
+fn bytes_used(zone: &ngx_shm_zone_t) -> Option<u64> {
+    let pool = NonNull::new(zone.shm.addr.cast::<ngx_slab_pool_t>())?;
+    // SAFETY: the pool's page table is fixed at initialisation; `pfree` is a word read without
+    // the lock, which at worst is a moment old.
+    let (pages, free) = unsafe {
+        let p = pool.as_ptr();
+        ((*p).last.offset_from((*p).pages) as u64, (*p).pfree as u64)
+    };
+    // SAFETY: set once at process start.
+    let page = unsafe { ngx_pagesize } as u64;
+    Some((pages.saturating_sub(free) * page).min(zone.shm.size as u64))
+}
+
+/// Sends a complete response with the given status, type and body.
+fn respond(
+    r: &mut ngx_http_request_t,
+    status: usize,
+    content_type: &str,
+    body: &[u8],
+) -> ngx_int_t {
+    // SAFETY: the request is alive for the handler's duration; everything below is allocated
+    // from its pool, which lives as long as the response.
+    unsafe {
+        let rc = ngx_http_discard_request_body(r);
+        if rc != NGX_OK {
+            return rc;
+        }
+
+        let Some(content_type) = pool_str(r, content_type.as_bytes()) else {
+            return NGX_ERROR;
+        };
+        r.headers_out.status = status;
+        r.headers_out.content_type_len = content_type.len;
+        r.headers_out.content_type = content_type;
+        r.headers_out.content_length_n = body.len() as _;
+
+        if body.is_empty() || r.method == NGX_HTTP_HEAD as usize {
+            r.set_header_only(1);
+        }
+
+        let rc = ngx_http_send_header(r);
+        if rc == NGX_ERROR || rc > NGX_OK || r.header_only() != 0 {
+            return rc;
+        }
+
+        let b = ngx_create_temp_buf(r.pool, body.len());
+        if b.is_null() {
+            return NGX_ERROR;
+        }
+        core::ptr::copy_nonoverlapping(body.as_ptr(), (*b).pos, body.len());
+        (*b).last = (*b).pos.add(body.len());
+        (*b).set_last_buf(u32::from(core::ptr::eq(r, r.main)));
+        (*b).set_last_in_chain(1);
+
+        let mut out = nginx_sys::ngx_chain_t { buf: b, next: core::ptr::null_mut() };
+        ngx_http_output_filter(r, &mut out)
+    }
+}
+
+/// A copy of `bytes` in the request's pool.
+fn pool_str(r: &ngx_http_request_t, bytes: &[u8]) -> Option<ngx_str_t> {
+    // SAFETY: the pool belongs to the request.
+    let data = unsafe { ngx_pnalloc(r.pool, bytes.len()) }.cast::<u8>();
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: `data` has room for `bytes`.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), data, bytes.len()) };
+    Some(ngx_str_t { len: bytes.len(), data })
+}
+
+/// The value of a query argument, as sent (not decoded).
+fn arg(r: &mut ngx_http_request_t, name: &str) -> Option<Vec<u8>> {
+    let mut value = ngx_str_t::empty();
+    // SAFETY: nginx only reads `len` bytes of the name.
+    let rc = unsafe { ngx_http_arg(r, name.as_ptr().cast_mut(), name.len(), &mut value) };
+    (rc == NGX_OK).then(|| value.as_bytes().to_vec())
+}
+
+/// Whether the client's Accept header asks for plain text (Prometheus scrapers do).
+fn accepts_text(r: &ngx_http_request_t) -> bool {
+    // SAFETY: the header list belongs to the request.
+    let headers = unsafe { ngx::http::list_iterator(&r.headers_in.headers) };
+    headers
+        .filter(|(k, _)| k.as_bytes().eq_ignore_ascii_case(b"accept"))
+        .any(|(_, v)| v.as_bytes().to_ascii_lowercase().windows(10).any(|w| w == b"text/plain"))
+}
+
+/// Decodes %XX escapes (and leaves everything else alone).
+fn percent_decode(raw: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match (raw[i], raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex))
+        {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The log of the request's connection.
+trait ConnectionLog {
+    fn connection_log(&self) -> *mut nginx_sys::ngx_log_t;
+}
+
+impl ConnectionLog for ngx_http_request_t {
+    fn connection_log(&self) -> *mut nginx_sys::ngx_log_t {
+        // SAFETY: a request always has its connection.
+        unsafe { (*self.connection).log }
+    }
+}
