@@ -66,6 +66,10 @@ http {
         sni_guard_valid 1s;
         sni_guard_invalid 1s;
 
+        # expired answers are looked up on the handshake, not used while
+        # refreshed (sni_guard_refresh.t tests that)
+        sni_guard_stale 0;
+
         location / {
             return 200 "name $ssl_server_name";
         }

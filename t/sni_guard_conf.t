@@ -207,6 +207,81 @@ my @cases = (
 		'(?=.*@dir/key\.pem).*private key.* for "sni_guard" in @server-block',
 		'trusted certificate file with a private key only' ],
 
+	# reliability
+
+	[ 'server', "sni_guard on; $ready sni_guard_timeout 11s;",
+		'"sni_guard_timeout" must not be more than 10s for "sni_guard" in @server-block',
+		'sni_guard_timeout over 10s' ],
+	[ 'server', 'sni_guard_lookup http://127.0.0.1:%%PORT_8081%%/check?domain=x;',
+		'invalid URL "http://127\.0\.0\.1:\d+/check\?domain=x": the module adds the'
+		. ' "domain" parameter itself in @server',
+		'sni_guard_lookup with a domain parameter of its own' ],
+	[ 'server', 'sni_guard_stale abc;',
+		'"sni_guard_stale" directive invalid value in @server',
+		'sni_guard_stale abc' ],
+	[ 'server', 'sni_guard_lookup_rate 0r/s;',
+		'invalid rate "0r/s" in @server',
+		'sni_guard_lookup_rate 0r/s' ],
+	[ 'server', 'sni_guard_lookup_rate 20r/h;',
+		'invalid rate "20r/h" in @server',
+		'sni_guard_lookup_rate in requests per hour' ],
+	[ 'server', 'sni_guard_lookup_rate 20r/s burst=x;',
+		'invalid burst value "burst=x" in @server',
+		'sni_guard_lookup_rate with a bad burst' ],
+	[ 'server', 'sni_guard_lookup_rate 20r/s per_client=5;',
+		'invalid per_client rate "per_client=5" in @server',
+		'sni_guard_lookup_rate with a bad per_client' ],
+	[ 'server', 'sni_guard_lookup_rate 20r/s delay=5;',
+		'invalid parameter "delay=5" in @server',
+		'sni_guard_lookup_rate with an unknown parameter' ],
+	[ 'http+server+server2', [ "sni_guard on; $ready",
+			'sni_guard_lookup_rate 10r/s;', 'sni_guard_lookup_rate 20r/s;' ],
+		'zone "guard" is already used with another "sni_guard_lookup_rate"'
+		. ' for "sni_guard" in @server2-block',
+		'one zone, two lookup budgets' ],
+	[ 'server', 'sni_guard_breaker 0 10s;',
+		'invalid number of errors "0" in @server',
+		'sni_guard_breaker with no errors' ],
+	[ 'server', 'sni_guard_breaker 5 soon;',
+		'invalid cool-down time "soon" in @server',
+		'sni_guard_breaker with a bad time' ],
+	[ 'server', 'sni_guard_breaker 5;',
+		'invalid value "5", it must be "off" or a number of errors and a time in @server',
+		'sni_guard_breaker with one number' ],
+	[ 'server', 'sni_guard_on_error maybe;',
+		'invalid value "maybe" in @server',
+		'sni_guard_on_error maybe' ],
+	[ 'server', "sni_guard on; $ready sni_guard_thread_pool nope;",
+		'unknown thread pool "nope" in @dir/bad-\\d+\\.conf:\\d+',
+		'sni_guard_thread_pool naming no thread pool' ],
+
+	# operation
+
+	[ 'server', 'sni_guard_allow bad_name.example;',
+		'invalid name "bad_name.example": underscore in @server',
+		'sni_guard_allow with an invalid name' ],
+	[ 'server', 'sni_guard_allow *.;',
+		'invalid name "\*\.": empty name in @server',
+		'sni_guard_allow with an empty wildcard' ],
+	[ 'server', 'sni_guard_alert bad_certificate;',
+		'invalid value "bad_certificate" in @server',
+		'sni_guard_alert with another alert' ],
+	[ 'server', 'sni_guard_log_level debug;',
+		'invalid value "debug" in @server',
+		'sni_guard_log_level debug' ],
+	[ 'server', 'sni_guard_status;',
+		'"sni_guard_status" directive is not allowed here in @server',
+		'sni_guard_status outside a location' ],
+	[ 'location', 'sni_guard_status on;',
+		'invalid number of arguments in "sni_guard_status" directive in @location',
+		'sni_guard_status with an argument' ],
+	[ 'http+location', [ $ready, 'sni_guard_purge nowhere;' ],
+		'unknown sni_guard_zone "nowhere" in "sni_guard_purge"',
+		'sni_guard_purge of an unknown zone' ],
+	[ 'location', 'sni_guard_status; sni_guard_purge;',
+		'"sni_guard_purge" directive is duplicate in @location',
+		'sni_guard_status and sni_guard_purge in one location' ],
+
 	# accepted
 
 	[ 'server', "sni_guard on; sni_guard_zone guard:1m;"
@@ -245,7 +320,7 @@ make_cert($d, 'demo');
 $t->write_file('text.pem', "not a certificate\n");
 $t->write_file('key.pem', $t->read_file('localhost.key'));
 
-$t->plan(2 * @cases + 2);
+$t->plan(2 * @cases + 4);
 
 ###############################################################################
 
@@ -377,5 +452,27 @@ $demo =~ s/\@LOOKUP_PORT\@/port(8081)/ge;
 
 $t->write_file('demo.conf', $demo);
 check_passes('demo.conf', 'nginx-conf/demo.conf');
+
+# nginx-conf/production.conf, the same way.
+
+open $fh, '<', '../nginx-conf/production.conf'
+	or die "Can't open nginx-conf/production.conf: $!";
+my $production = do { local $/; <$fh> };
+close $fh;
+
+if (defined $module) {
+	$production =~ s/\@MODULE\@/$module/g;
+} else {
+	$production =~ s/^\s*load_module\s+\@MODULE\@\s*;\s*$//m;
+}
+$production =~ s/\@PREFIX\@/$d/g;
+$production =~ s/\@PORT_HTTPS\@/'127.0.0.1:' . port(8443)/ge;
+$production =~ s/\@PORT_API\@/port(8080)/ge;
+$production =~ s!\@LOOKUP\@!'http://127.0.0.1:' . port(8081) . '/v1/domains/check'!ge;
+
+$t->write_file('production.conf', $production);
+$t->write_file('default.crt', $t->read_file('localhost.crt'));
+$t->write_file('default.key', $t->read_file('localhost.key'));
+check_passes('production.conf', 'nginx-conf/production.conf');
 
 ###############################################################################
