@@ -248,7 +248,7 @@ pub fn with_zone<R>(
     let pool = NonNull::new(shm_zone.shm.addr.cast::<ngx_slab_pool_t>())?;
 
     with_lock(pool, || {
-        if !open(pool).is_some_and(|z| !z.cache.interrupted()) {
+        if open(pool).is_none_or(|z| z.cache.interrupted()) {
             let name = String::from_utf8_lossy(shm_zone.shm.name.as_bytes()).into_owned();
             ngx_log_error!(
                 NGX_LOG_WARN,
