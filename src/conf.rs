@@ -54,10 +54,14 @@ pub enum Alert {
     UnrecognizedName = 112,
 }
 
-/// What every server of the http block shares: the zones, for the status page and the purge.
+/// What every server of the http block shares: the zones, for the status page and the purge,
+/// and where Lua's ClientHello handler runs.
 #[derive(Default)]
 pub struct MainConf {
     pub zones: Vec<*mut ngx_shm_zone_t>,
+    pub lua_client_hello: crate::lua::LuaClientHello,
+    /// Lua's handler, found when a server configures it.
+    pub lua_handler: Option<crate::lua::ClientHelloFn>,
 }
 
 /// Configuration of a location: what `sni_guard_purge` purges.

@@ -32,7 +32,7 @@ use sni_guard_core::names;
 use sni_guard_core::shared::{Allowance, Decision, LogLimit, Refusal, Stats};
 
 use crate::conf::{self, Alert, NoSni, SrvConf};
-use crate::{guard, zone};
+use crate::{guard, lua, zone, Module};
 
 /// TLS extension number of server_name (RFC 6066).
 const TLSEXT_SERVER_NAME: u32 = 0;
@@ -56,20 +56,30 @@ pub unsafe extern "C" fn install(cf: *mut ngx_conf_t) -> ngx_int_t {
         return Status::NGX_OK.into();
     }
 
-    // nginx 1.29.2 and later select the server in a ClientHello callback of their own, which
-    // this one would replace; the module does not chain to it yet.
-    if cfg!(ngx_client_hello_cb) {
-        ngx::ngx_conf_log_error!(
-            NGX_LOG_EMERG,
-            cf,
-            "\"sni_guard\" does not support nginx 1.29.2 and later yet"
-        );
-        return Status::NGX_ERROR.into();
-    }
-
     if decision_index().is_none() {
         ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "sni_guard: no SSL ex_data index available");
         return Status::NGX_ERROR.into();
+    }
+
+    // Lua's ClientHello handler, where configured, runs after the guard's check.
+    // SAFETY: the http block's main configuration exists while it is being finished.
+    let Some(main) = (unsafe { Module::main_conf_mut(&*cf) }) else {
+        return Status::NGX_ERROR.into();
+    };
+    main.lua_handler = None;
+    if !main.lua_client_hello.is_empty() {
+        match lua::client_hello_handler() {
+            Some(handler) => main.lua_handler = Some(handler),
+            None => {
+                ngx::ngx_conf_log_error!(
+                    NGX_LOG_EMERG,
+                    cf,
+                    "\"sni_guard\" cannot run after \"ssl_client_hello_by_lua*\": \
+                     lua-nginx-module's handler was not found"
+                );
+                return Status::NGX_ERROR.into();
+            }
+        }
     }
 
     for &cscf in servers {
@@ -119,12 +129,23 @@ fn decision_index() -> Option<c_int> {
 /// HelloRetryRequest) gets the first decision, with no second lookup and no second count - if
 /// it names the same server. RFC 8446 (4.1.2) forbids the name to change, but OpenSSL does not
 /// enforce it and nginx would select the server by the new name: a changed name is refused.
-unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, _arg: *mut c_void) -> c_int {
+unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, arg: *mut c_void) -> c_int {
     // SAFETY: nginx stores its connection in every SSL object it creates.
     let c = unsafe { SSL_get_ex_data(ssl, ngx_ssl_connection_index) }.cast::<ngx_connection_t>();
     let (Some(c), Some(index)) = (unsafe { c.as_mut() }, DECISION_INDEX.get().copied()) else {
         return SSL_CLIENT_HELLO_SUCCESS as c_int;
     };
+
+    // nginx 1.29.2 and later select the virtual server in a ClientHello callback of their own,
+    // which this one replaced on the SSL_CTX: it runs first, and its refusals stand.
+    #[cfg(ngx_client_hello_cb)]
+    {
+        // SAFETY: nginx's callback reads its own argument from the SSL_CTX's ex_data.
+        let rc = unsafe { nginx_sys::ngx_ssl_client_hello_callback(ssl, alert, arg) };
+        if rc != SSL_CLIENT_HELLO_SUCCESS as c_int {
+            return rc;
+        }
+    }
 
     let fingerprint = fingerprint(server_name_ext(ssl));
     // SAFETY: the index was registered for SSL objects.
@@ -163,7 +184,11 @@ unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, _arg: *mut c
     };
 
     match decision {
-        None | Some((Decision::Allow(_), _)) => SSL_CLIENT_HELLO_SUCCESS as c_int,
+        None | Some((Decision::Allow(_), _)) => match lua_handler(c) {
+            // SAFETY: Lua's handler gets what OpenSSL gave this callback.
+            Some(lua) => unsafe { lua(ssl, alert, arg) },
+            None => SSL_CLIENT_HELLO_SUCCESS as c_int,
+        },
         Some((Decision::Refuse(_), how)) => {
             // SAFETY: `c->ssl` is set for a connection in a handshake; marking the handshake as
             // rejected makes nginx log it at info level instead of as a failure.
@@ -175,6 +200,21 @@ unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, _arg: *mut c
             SSL_CLIENT_HELLO_ERROR as c_int
         }
     }
+}
+
+/// Lua's ClientHello handler, when it would have run for this connection: when the default
+/// server of its address configured `ssl_client_hello_by_lua*`.
+fn lua_handler(c: &ngx_connection_t) -> Option<lua::ClientHelloFn> {
+    // SAFETY: as in `check`.
+    let default = unsafe {
+        let hc = c.data.cast::<ngx_http_connection_t>().as_ref()?;
+        hc.addr_conf.as_ref()?.default_server.as_ref()?
+    };
+    let main = Module::main_conf(default)?;
+    let handler = main.lua_handler?;
+    // SAFETY: a server's context is set when it is configured.
+    let srv_conf = unsafe { default.ctx.as_ref()? }.srv_conf;
+    main.lua_client_hello.runs_for(srv_conf).then_some(handler)
 }
 
 /// The low bits of the value kept per connection hold the decision's code, the rest the
@@ -242,7 +282,7 @@ fn check(ssl: *mut SSL, c: &ngx_connection_t) -> Option<(Decision, Option<&'stat
         }
     };
 
-    let conf = server_conf(select_server(addr_conf, raw))?;
+    let conf = server_conf(selected_server(c, addr_conf, raw))?;
 
     let decision = match names::normalise(raw) {
         Ok(name) => guard::decide(conf, &name, c),
@@ -279,7 +319,31 @@ fn server_conf(cscf: *mut ngx_http_core_srv_conf_t) -> Option<&'static SrvConf> 
     conf.enabled().then_some(conf)
 }
 
+/// The server nginx selected, or will select, for the handshake's server name.
+#[cfg(not(ngx_client_hello_cb))]
+fn selected_server(
+    _c: &ngx_connection_t,
+    addr_conf: &ngx_http_addr_conf_t,
+    raw: &[u8],
+) -> *mut ngx_http_core_srv_conf_t {
+    select_server(addr_conf, raw)
+}
+
+/// nginx's own callback has selected the server by now and switched the connection to it.
+#[cfg(ngx_client_hello_cb)]
+fn selected_server(
+    c: &ngx_connection_t,
+    addr_conf: &ngx_http_addr_conf_t,
+    _raw: &[u8],
+) -> *mut ngx_http_core_srv_conf_t {
+    // SAFETY: as in `check`; `conf_ctx` is the selected server's context.
+    unsafe { c.data.cast::<ngx_http_connection_t>().as_ref() }
+        .and_then(NgxHttpCoreModule::server_conf)
+        .map_or(addr_conf.default_server, |cscf| ptr::from_ref(cscf).cast_mut())
+}
+
 /// The server nginx will select for a raw server name, found the way nginx finds it.
+#[cfg_attr(ngx_client_hello_cb, allow(dead_code))]
 fn select_server(addr_conf: &ngx_http_addr_conf_t, raw: &[u8]) -> *mut ngx_http_core_srv_conf_t {
     let default = addr_conf.default_server;
 

@@ -16,6 +16,7 @@ use ngx::http::{HttpModule, HttpModuleServerConf};
 mod conf;
 mod guard;
 mod hook;
+mod lua;
 mod refresh;
 mod status;
 mod variables;
@@ -30,10 +31,12 @@ impl HttpModule for Module {
     }
 
     unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        lua::wrap(cf);
         variables::add(cf)
     }
 
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        lua::unwrap();
         hook::install(cf)
     }
 }

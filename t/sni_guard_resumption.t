@@ -37,6 +37,7 @@ events {
 http {
     %%TEST_GLOBALS_HTTP%%
 
+    ssl_protocols       TLSv1.2 TLSv1.3;
     ssl_session_cache   shared:SSL:1m;
     ssl_session_tickets on;
 
