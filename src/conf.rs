@@ -31,6 +31,9 @@ const NGX_CONF_UNSET: ngx_flag_t = -1;
 const NGX_CONF_UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
 const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
 
+/// Least time between two refreshes of one name.
+const REFRESH_INTERVAL: ngx_msec_t = 10_000;
+
 /// Longest `sni_guard_timeout`: a lookup on a miss blocks the worker for up to that long.
 const MAX_TIMEOUT: ngx_msec_t = 10_000;
 
@@ -145,8 +148,9 @@ impl SrvConf {
             valid: self.valid as u64,
             invalid: self.invalid as u64,
             stale: self.stale.min(u32::MAX as ngx_msec_t) as u32,
-            // A refresh that takes longer than a lookup can has failed; another may start.
-            refresh_busy: (2 * self.timeout).clamp(1000, u32::MAX as ngx_msec_t) as u32,
+            // A refresh may wait in the thread pool's queue before it runs: a name is not
+            // refreshed again for this long, nor retried sooner after a failed refresh.
+            refresh_busy: (4 * self.timeout).clamp(REFRESH_INTERVAL, u32::MAX as ngx_msec_t) as u32,
         }
     }
 
@@ -155,8 +159,12 @@ impl SrvConf {
         self.rate.unwrap_or((None, None))
     }
 
+    /// The zone's breaker settings; the probe timeout is this server's: a probe that takes
+    /// longer than a lookup can is lost, and another may go.
     pub fn breaker(&self) -> BreakerSettings {
-        self.breaker.unwrap_or(BreakerSettings { errors: 0, cooldown: 0, probe_timeout: 0 })
+        let settings =
+            self.breaker.unwrap_or(BreakerSettings { errors: 0, cooldown: 0, probe_timeout: 0 });
+        BreakerSettings { probe_timeout: self.timeout as u64 + 1000, ..settings }
     }
 
     pub fn alert(&self) -> Alert {
@@ -492,10 +500,6 @@ fn merge(conf: &mut SrvConf, prev: &SrvConf) {
             cooldown: DEFAULT_BREAKER.1,
             probe_timeout: 0,
         });
-    }
-    if let Some(breaker) = &mut conf.breaker {
-        // A probe that takes longer than a lookup can is lost; another may go.
-        breaker.probe_timeout = conf.timeout as u64 + 1000;
     }
     if conf.thread_pool_name.data.is_null() {
         conf.thread_pool_name = prev.thread_pool_name;
@@ -839,10 +843,15 @@ extern "C" fn cmd_set_rate(
         }
     }
 
+    if per_client.is_some_and(|milli| milli > rate.per_second_milli) {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "per_client rate is more than the rate");
+        return NGX_CONF_ERROR;
+    }
+
     // A client's share has a burst in proportion to its rate, and of at least one.
     let per_client = per_client.map(|milli| Rate {
         per_second_milli: milli,
-        burst: (rate.burst * milli).div_ceil(rate.per_second_milli).max(1),
+        burst: rate.burst.saturating_mul(milli).div_ceil(rate.per_second_milli).max(1),
     });
 
     conf.rate = Some((Some(rate), per_client));

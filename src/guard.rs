@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use nginx_sys::{
     ngx_connection_t, ngx_current_msec, ngx_log_t, ngx_shm_zone_t, ngx_time_update, sockaddr,
-    sockaddr_in, sockaddr_in6, AF_INET, AF_INET6, NGX_LOG_WARN,
+    sockaddr_in, sockaddr_in6, AF_INET, AF_INET6, NGX_LOG_NOTICE, NGX_LOG_WARN,
 };
 use ngx::{ngx_log_debug, ngx_log_error};
 use sni_guard_core::answer::{Answer, LookupError};
@@ -15,6 +15,7 @@ use sni_guard_core::names::Name;
 use sni_guard_core::policy::{self, Step};
 use sni_guard_core::shared::{
     check_budget, client_slot, Admission, Allowance, Decision, LogLimit, Outcome, Refusal,
+    Transition,
 };
 
 use crate::conf::{OnError, SrvConf};
@@ -67,7 +68,9 @@ pub fn decide(conf: &'static SrvConf, name: &Name, c: &ngx_connection_t) -> Deci
             Step::Cached(state) => Plan::Cached(state),
 
             Step::Stale { refresh } => {
-                let refresh = refresh && z.state.breaker.admit(&breaker, now) != Admission::Shut;
+                let refresh = refresh
+                    && refresh::has_room()
+                    && z.state.breaker.admit(&breaker, now) != Admission::Shut;
                 if refresh {
                     z.cache.set_busy(name.as_bytes(), now as u32);
                 }
@@ -152,13 +155,13 @@ fn look_up(conf: &SrvConf, zone: &ngx_shm_zone_t, name: &Name, log: *mut ngx_log
 
     let started = Instant::now();
     let result = client.check(name.as_str(), Duration::from_millis(conf.timeout as u64));
-    let millis = started.elapsed().as_millis() as u64;
+    let micros = started.elapsed().as_micros() as u64;
 
     // The worker was blocked for the lookup: bring nginx's clock up to date.
     // SAFETY: called on the worker's own thread, as the event loop does.
     unsafe { ngx_time_update() };
 
-    finish(conf, zone, name, &result, millis, false, log);
+    finish(conf, zone, name, &result, micros, false, log);
 
     match result {
         Ok(Answer::Registered { .. }) => Decision::Allow(Allowance::Lookup),
@@ -176,7 +179,7 @@ pub fn finish(
     zone: &ngx_shm_zone_t,
     name: &Name,
     result: &Result<Answer, LookupError>,
-    millis: u64,
+    micros: u64,
     background: bool,
     log: *mut ngx_log_t,
 ) {
@@ -187,15 +190,44 @@ pub fn finish(
         Err(_) => None,
     };
 
+    let mut transition = None;
     let stored = zone::with_zone(zone, log, |z| {
-        z.state.breaker.record(result.is_ok(), &breaker, now);
+        transition = z.state.breaker.record(result.is_ok(), &breaker, now);
         match store {
             Some((state, expires, keep)) => {
                 z.cache.put(name.as_bytes(), state, expires, keep, now).is_ok()
             }
-            None => true,
+            None => {
+                if background && result.is_err() {
+                    // The next refresh of the name waits a whole interval from now.
+                    z.cache.set_busy(name.as_bytes(), now as u32);
+                }
+                true
+            }
         }
     });
+
+    let zone_name = String::from_utf8_lossy(zone.shm.name.as_bytes());
+    match transition {
+        Some(Transition::Opened) => {
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                log,
+                "sni_guard zone \"{zone_name}\": {} lookup errors in a row, \
+                 not asking the lookup service for {} ms",
+                breaker.errors,
+                breaker.cooldown
+            );
+        }
+        Some(Transition::Closed) => {
+            ngx_log_error!(
+                NGX_LOG_NOTICE,
+                log,
+                "sni_guard zone \"{zone_name}\": the lookup service answers again"
+            );
+        }
+        None => {}
+    }
 
     let stats = zone::stats(zone);
     let outcome = match result {
@@ -204,7 +236,7 @@ pub fn finish(
         Err(_) => Outcome::Error,
     };
     if let Some(stats) = stats {
-        stats.lookup(outcome, millis, background);
+        stats.lookup(outcome, micros, background);
     }
 
     if stored != Some(true) {
@@ -217,8 +249,7 @@ pub fn finish(
             ngx_log_error!(
                 NGX_LOG_WARN,
                 log,
-                "sni_guard zone \"{}\" is full, answers are not cached{}",
-                String::from_utf8_lossy(zone.shm.name.as_bytes()),
+                "sni_guard zone \"{zone_name}\" is full, answers are not cached{}",
                 held_back(held)
             );
         }

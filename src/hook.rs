@@ -157,8 +157,7 @@ unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, arg: *mut c_
             // handshake), so the alert is never sent for an earlier decision.
             Decision::from_code(earlier & CODE_MASK).map(|d| (d, Alert::InternalError))
         } else {
-            log_info(c.log, "sni_guard refused handshake: server name changed after a retry");
-            Some((Decision::Refuse(Refusal::InvalidName), Alert::InternalError))
+            Some(name_changed(ssl, c))
         }
     } else {
         let decided = catch_unwind(AssertUnwindSafe(|| check(ssl, c))).unwrap_or_else(|_| {
@@ -247,8 +246,39 @@ fn fingerprint(ext: Option<&[u8]>) -> usize {
     (hash as usize) & !CODE_MASK
 }
 
-fn log_info(log: *mut ngx_log_t, text: &str) {
-    ngx_log_error!(nginx_sys::NGX_LOG_INFO, log, "{text}");
+/// Refuses a second ClientHello that names another server than the first, with the settings
+/// of the address's default server.
+fn name_changed(ssl: *mut SSL, c: &ngx_connection_t) -> (Decision, Alert) {
+    let name = server_name_ext(ssl)
+        .and_then(|ext| names::parse_server_name_ext(ext).ok())
+        .map(printable)
+        .unwrap_or_default();
+    let reason = "server name changed after a retry";
+    let decision = Decision::Refuse(Refusal::InvalidName);
+
+    // SAFETY: as in `check`.
+    let default = unsafe { c.data.cast::<ngx_http_connection_t>().as_ref() }
+        .and_then(|hc| unsafe { hc.addr_conf.as_ref() })
+        .and_then(|addr_conf| unsafe { addr_conf.default_server.as_ref() })
+        .and_then(conf::of_server);
+
+    match default {
+        Some(conf) => {
+            log_refusal(conf, c.log, &name, reason);
+            if let Some(stats) = stats(conf) {
+                stats.refused(Refusal::InvalidName);
+            }
+            (decision, conf.alert())
+        }
+        None => {
+            ngx_log_error!(
+                nginx_sys::NGX_LOG_INFO,
+                c.log,
+                "sni_guard refused \"{name}\": {reason}"
+            );
+            (decision, Alert::InternalError)
+        }
+    }
 }
 
 /// Decides on one handshake: `None` where the guard is off, else the decision and the counters

@@ -4,9 +4,13 @@
 //! allowed at once; the refresh runs on a pool thread and its answer is stored back on the
 //! worker's event loop. The pool thread touches no nginx structure: it runs the lookup client
 //! (plain Rust) on data the task owns. The cache entry is marked busy for the time a lookup may
-//! take, so that across all workers one refresh of a name runs at a time.
+//! take, so that across all workers one refresh of a name runs at a time, and each worker has
+//! at most [`MAX_IN_FLIGHT`] refreshes queued or running: when many names expire at once, the
+//! rest are served stale and refreshed later, the thread pool's queue never overflows, and a
+//! worker that exits (on reload) waits for few of them.
 
 use core::ffi::c_void;
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +24,18 @@ use sni_guard_core::names::Name;
 use crate::conf::SrvConf;
 use crate::guard;
 
+/// Refreshes a worker has queued or running at most.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+thread_local! {
+    static IN_FLIGHT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Whether this worker may start another refresh now.
+pub fn has_room() -> bool {
+    IN_FLIGHT.with(Cell::get) < MAX_IN_FLIGHT
+}
+
 /// One refresh: the nginx task, and everything the pool thread needs, owned.
 #[repr(C)]
 struct Refresh {
@@ -30,7 +46,7 @@ struct Refresh {
     name: Name,
     timeout: Duration,
     result: Option<Result<Answer, LookupError>>,
-    millis: u64,
+    micros: u64,
 }
 
 /// Starts a refresh of `name`. Without a thread pool the refresh runs here and now.
@@ -48,9 +64,10 @@ pub fn start(conf: &'static SrvConf, zone: &ngx_shm_zone_t, name: &Name) {
         name: *name,
         timeout: Duration::from_millis(conf.timeout as u64),
         result: None,
-        millis: 0,
+        micros: 0,
     });
 
+    IN_FLIGHT.with(|n| n.set(n.get() + 1));
     post(refresh);
 }
 
@@ -70,6 +87,7 @@ fn post(refresh: Box<Refresh>) {
 
         if pool.is_null() || nginx_sys::ngx_thread_task_post(pool, &mut (*r).task) != 0 {
             // The queue is full: the entry stays busy, and the refresh is tried again later.
+            IN_FLIGHT.with(|n| n.set(n.get().saturating_sub(1)));
             drop(Box::from_raw(r));
         }
     }
@@ -102,10 +120,12 @@ unsafe extern "C" fn done(ev: *mut ngx_event_t) {
 fn check(refresh: &mut Refresh) {
     let started = Instant::now();
     refresh.result = Some(refresh.client.check(refresh.name.as_str(), refresh.timeout));
-    refresh.millis = started.elapsed().as_millis() as u64;
+    refresh.micros = started.elapsed().as_micros() as u64;
 }
 
 fn finish(refresh: Refresh) {
+    IN_FLIGHT.with(|n| n.set(n.get().saturating_sub(1)));
+
     // SAFETY: the cycle's log outlives the events of its workers.
     let log = unsafe { (*nginx_sys::ngx_cycle).log };
 
@@ -116,7 +136,7 @@ fn finish(refresh: Refresh) {
             return;
         };
         let result = refresh.result.unwrap_or(Err(LookupError::Internal("panic".into())));
-        guard::finish(refresh.conf, zone, &refresh.name, &result, refresh.millis, true, log);
+        guard::finish(refresh.conf, zone, &refresh.name, &result, refresh.micros, true, log);
     }));
 
     if outcome.is_err() {

@@ -31,8 +31,18 @@ pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t
     let r = unsafe { &mut *r };
 
     if r.method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as usize == 0 {
-        return HTTP_NOT_ALLOWED;
+        return not_allowed(r, "GET, HEAD");
     }
+
+    let prometheus = match arg(r, "format").as_deref() {
+        Some(b"prometheus") => true,
+        Some(b"json") => false,
+        Some(_) => {
+            let body = b"unknown format: use format=json or format=prometheus\n";
+            return respond(r, HTTP_BAD_REQUEST, "text/plain", body);
+        }
+        None => prefers_text(r),
+    };
 
     let Some(main) = Module::main_conf(r) else {
         return Status::NGX_ERROR.into();
@@ -44,9 +54,6 @@ pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t
         // SAFETY: the zones belong to the configuration serving the request.
         .filter_map(|&z| report(unsafe { &*z }, r.connection_log()))
         .collect();
-
-    let prometheus = arg(r, "format").is_some_and(|f| f == b"prometheus")
-        || (arg(r, "format").is_none() && accepts_text(r));
 
     if prometheus {
         respond(r, HTTP_OK, "text/plain; version=0.0.4", to_prometheus(&reports).as_bytes())
@@ -62,7 +69,7 @@ pub unsafe extern "C" fn purge_handler(r: *mut ngx_http_request_t) -> ngx_int_t 
     let r = unsafe { &mut *r };
 
     if r.method & NGX_HTTP_DELETE as usize == 0 {
-        return HTTP_NOT_ALLOWED;
+        return not_allowed(r, "DELETE");
     }
 
     let (Some(main), Some(lcf)) = (Module::main_conf(r), Module::location_conf(r)) else {
@@ -115,7 +122,7 @@ fn report(zone: &ngx_shm_zone_t, log: *mut nginx_sys::ngx_log_t) -> Option<ZoneR
     zone::with_zone(zone, log, |z| {
         report.entries = z.cache.len() as u64;
         report.evictions = z.cache.evictions();
-        report.breaker = z.state.breaker.state_name();
+        report.breaker = z.state.breaker.state_name(crate::guard::current_msec());
         report.breaker_errors = z.state.breaker.errors();
     })?;
 
@@ -204,13 +211,44 @@ fn arg(r: &mut ngx_http_request_t, name: &str) -> Option<Vec<u8>> {
     (rc == NGX_OK).then(|| value.as_bytes().to_vec())
 }
 
-/// Whether the client's Accept header asks for plain text (Prometheus scrapers do).
-fn accepts_text(r: &ngx_http_request_t) -> bool {
+/// Whether the client's Accept header prefers plain text (as Prometheus scrapers send it) to
+/// JSON: a higher quality for `text/plain` than for `application/json`; JSON on a tie.
+fn prefers_text(r: &ngx_http_request_t) -> bool {
     // SAFETY: the header list belongs to the request.
     let headers = unsafe { ngx::http::list_iterator(&r.headers_in.headers) };
-    headers
+    let accept: Vec<String> = headers
         .filter(|(k, _)| k.as_bytes().eq_ignore_ascii_case(b"accept"))
-        .any(|(_, v)| v.as_bytes().to_ascii_lowercase().windows(10).any(|w| w == b"text/plain"))
+        .map(|(_, v)| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+        .collect();
+    let accept = accept.join(",");
+    quality(&accept, "text/plain") > quality(&accept, "application/json")
+}
+
+/// The quality an Accept header gives a media type, by its own entry only (wildcards are taken
+/// as no preference): 0 when it is absent or refused.
+fn quality(accept: &str, media: &str) -> f32 {
+    accept
+        .split(',')
+        .filter_map(|entry| {
+            let mut parts = entry.split(';').map(str::trim);
+            (parts.next()? == media).then(|| {
+                parts
+                    .find_map(|p| p.strip_prefix("q="))
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .unwrap_or(1.0)
+            })
+        })
+        .fold(0.0, f32::max)
+}
+
+/// 405, with the methods the location does answer.
+fn not_allowed(r: &mut ngx_http_request_t, allow: &str) -> ngx_int_t {
+    // SAFETY: `r` is the request being handled; the header is allocated from its pool.
+    let request = unsafe { ngx::http::Request::from_ngx_http_request(r) };
+    if request.add_header_out("Allow", allow).is_none() {
+        return NGX_ERROR;
+    }
+    HTTP_NOT_ALLOWED
 }
 
 /// Decodes %XX escapes (and leaves everything else alone).

@@ -147,22 +147,24 @@ fn adopt(pool: NonNull<ngx_slab_pool_t>, service: Option<u64>, name: &str, log: 
 
     let dropped = with_lock(pool, || {
         let mut zone = open(pool)?;
-        let dropped = if zone.state.service != service && zone.state.service != 0 {
-            let n = zone.cache.len();
-            zone.cache.clear();
-            n
+        // Answers of another service are asked again: "registered" ones are used stale
+        // while they are, so that customers keep working meanwhile.
+        let expired = if zone.state.service != service && zone.state.service != 0 {
+            // SAFETY: nginx's clock, read on the thread that loads the configuration.
+            zone.cache.expire_all(unsafe { nginx_sys::ngx_current_msec } as u64)
         } else {
             0
         };
         zone.state.service = service;
-        Some(dropped)
+        Some(expired)
     });
 
-    if let Some(dropped @ 1..) = dropped {
+    if let Some(expired @ 1..) = dropped {
         ngx_log_error!(
             NGX_LOG_NOTICE,
             log,
-            "sni_guard zone \"{name}\" now caches another lookup service, {dropped} entries dropped"
+            "sni_guard zone \"{name}\" now caches another lookup service, \
+             {expired} answers to be looked up again"
         );
     }
 }
@@ -202,11 +204,11 @@ fn carry_over(old: &ngx_shm_zone_t, new: &ngx_shm_zone_t, name: &str) {
         return;
     };
 
-    let mut service = 0;
+    let mut kept_state = None;
     with_lock(old_pool, || {
         if let Some(zone) = open(old_pool).filter(|z| !z.cache.interrupted()) {
             zone.cache.for_each(|name, found| entries.push((name.to_vec(), found)));
-            service = zone.state.service;
+            kept_state = Some((zone.state.service, zone.state.budget, zone.state.breaker));
         }
     });
 
@@ -219,13 +221,22 @@ fn carry_over(old: &ngx_shm_zone_t, new: &ngx_shm_zone_t, name: &str) {
         let Some(mut zone) = open(new_pool) else {
             return 0;
         };
-        zone.state.service = service;
+        if let Some((service, budget, breaker)) = kept_state {
+            zone.state.service = service;
+            zone.state.budget = budget;
+            zone.state.breaker = breaker;
+        }
         entries
             .iter()
             .rev()
             .filter(|(name, f)| zone.cache.put(name, f.state, f.expires, f.keep, 0).is_ok())
             .count()
     });
+
+    // The counters go on from where they were.
+    if let (Some(old_stats), Some(new_stats)) = (stats(old), stats(new)) {
+        new_stats.add(old_stats);
+    }
 
     ngx_log_error!(
         NGX_LOG_NOTICE,

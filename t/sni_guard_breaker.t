@@ -138,7 +138,7 @@ for my $dir ($breaker, $allow, $off, $quiet) {
 	$t->waitforfile("$dir/lookup.pid") or die "lookup service did not start: $dir";
 }
 
-$t->plan(16)->run();
+$t->plan(18)->run();
 
 ###############################################################################
 
@@ -343,5 +343,13 @@ my $asked = requests($quiet, @names);
 ok($refused == 20 && $lines >= 3 && $lines <= 4 && $lines == $asked,
 	"breaker 3 2s: 20 failing handshakes ($refused refused) over 2.5 s write $lines warn lines"
 	. " for $asked requests: 3 errors and at most 1 probe");
+
+# the breaker says when it opens and when the service answers again
+
+my $log = $t->read_file('error.log');
+like($log, qr/\[warn\] .*sni_guard zone "\w+": 3 lookup errors in a row, not asking the lookup service for 2000 ms/,
+	'the breaker opening is logged at warn');
+like($log, qr/\[notice\] .*sni_guard zone "\w+": the lookup service answers again/,
+	'the breaker closing is logged at notice');
 
 ###############################################################################

@@ -239,6 +239,9 @@ my @cases = (
 		'zone "guard" is already used with another "sni_guard_lookup_rate"'
 		. ' for "sni_guard" in @server2-block',
 		'one zone, two lookup budgets' ],
+	[ 'server', 'sni_guard_lookup_rate 5r/s per_client=10r/s;',
+		'per_client rate is more than the rate in @server',
+		'sni_guard_lookup_rate with a larger per_client share' ],
 	[ 'server', 'sni_guard_breaker 0 10s;',
 		'invalid number of errors "0" in @server',
 		'sni_guard_breaker with no errors' ],
@@ -312,6 +315,10 @@ my @cases = (
 	[ 'server', 'sni_guard off;',
 		undef,
 		'sni_guard off without zone or lookup' ],
+	[ 'http+server+server2', [ "sni_guard on; $ready sni_guard_breaker 3 5s;",
+			'sni_guard_timeout 200ms;', 'sni_guard_timeout 400ms;' ],
+		undef,
+		'one zone, one breaker, two timeouts' ],
 );
 
 my $d = $t->testdir();

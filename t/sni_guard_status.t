@@ -86,7 +86,7 @@ lookup_conf($d, registered => [ 'shop.example.com', 'stale.example.com' ]);
 $t->run_daemon(\&lookup_daemon, port(8081), $d);
 $t->waitforfile("$d/lookup.pid") or die "lookup service did not start";
 
-$t->plan(18)->run();
+$t->plan(24)->run();
 
 ###############################################################################
 
@@ -156,7 +156,21 @@ like(http_get('/status?format=prometheus'), qr!Content-Type: text/plain; version
 like(http("GET /status HTTP/1.0\r\nHost: localhost\r\nAccept: text/plain\r\n\r\n"),
 	qr!Content-Type: text/plain!, 'status: Prometheus text on Accept: text/plain');
 like(http("POST /status HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"),
-	qr!^HTTP/1.1 405!, 'status: other methods are not allowed');
+	qr!^HTTP/1.1 405.*^Allow: GET, HEAD\x0d$!ms, 'status: other methods are not allowed');
+like(http_get('/status?format=xml'), qr!^HTTP/1.1 400!, 'status: an unknown format is an error');
+
+for my $case (
+	[ 'text/plain', 'text/plain', 'a scraper that asks for text' ],
+	[ 'application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1',
+		'text/plain', 'Prometheus\'s own Accept header' ],
+	[ 'application/json, text/plain, */*', 'application/json', 'JSON first, on a tie' ],
+	[ 'text/plain;q=0, application/json', 'application/json', 'text refused' ],
+	[ '*/*', 'application/json', 'no preference' ],
+) {
+	my ($accept, $type, $why) = @$case;
+	like(http("GET /status HTTP/1.0\r\nHost: localhost\r\nAccept: $accept\r\n\r\n"),
+		qr!Content-Type: \Q$type\E!, "status: Accept $why");
+}
 
 my ($guard, $tight, $short) = (port(8443), port(8444), port(8445));
 my ($json, $prom, $moved);

@@ -388,6 +388,24 @@ impl<A: Arena> Cache<A> {
         }
     }
 
+    /// Makes every answer expire at `now`, as if its time were up: "registered" answers become
+    /// stale (used while refreshed, for their `keep` time), the others are looked up again.
+    /// Returns how many answers were still fresh.
+    pub fn expire_all(&mut self, now: u64) -> usize {
+        let mut expired = 0;
+        let mut entry = self.header().head;
+        while entry != 0 {
+            // SAFETY: the list links only live entries.
+            let e = unsafe { &mut *self.at::<Entry>(entry) };
+            if e.expires > now {
+                e.expires = now;
+                expired += 1;
+            }
+            entry = e.older;
+        }
+        expired
+    }
+
     /// Removes every name.
     pub fn clear(&mut self) {
         while self.header().tail != 0 {
@@ -801,6 +819,24 @@ mod tests {
         put(&mut cache, "again.example", State::Registered, 1);
         assert!(cache.remove(b"again.example"));
         assert_eq!(arena.used(), base, "removing frees the memory");
+    }
+
+    #[test]
+    fn expire_all_makes_every_answer_stale_and_keeps_it() {
+        let mut arena = HeapArena::new(64 * 1024);
+        let mut cache = Cache::create(&mut arena, SEED).unwrap();
+        cache.put(b"fresh", State::Registered, 1000, 500, 0).unwrap();
+        cache.put(b"negative", State::NotRegistered, 1000, 0, 0).unwrap();
+        cache.put(b"old", State::Registered, 50, 500, 0).unwrap();
+
+        assert_eq!(cache.expire_all(100), 2, "two answers were still fresh");
+        let cases = [("fresh", 100, 500), ("negative", 100, 0), ("old", 50, 500)];
+        for (name, expires, keep) in cases {
+            let found = cache.peek(name.as_bytes()).unwrap();
+            assert_eq!((found.expires, found.keep), (expires, keep), "{name}");
+        }
+        assert_eq!(cache.len(), 3);
+        check(&cache);
     }
 
     #[test]

@@ -148,6 +148,13 @@ pub struct BreakerSettings {
     pub probe_timeout: u64,
 }
 
+/// A change of the breaker's state worth logging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    Opened,
+    Closed,
+}
+
 /// What the breaker says about making a lookup now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -189,33 +196,41 @@ impl Breaker {
         }
     }
 
-    /// Records the outcome of a lookup made at the breaker's word.
-    pub fn record(&mut self, ok: bool, settings: &BreakerSettings, now: u64) {
+    /// Records the outcome of a lookup made at the breaker's word; tells when that opened or
+    /// closed the breaker.
+    pub fn record(&mut self, ok: bool, settings: &BreakerSettings, now: u64) -> Option<Transition> {
+        let was_closed = self.state == Self::CLOSED;
+
         if ok {
             *self = Breaker::default();
-            return;
+            return (!was_closed).then_some(Transition::Closed);
         }
 
         self.errors = self.errors.saturating_add(1);
 
-        if self.state == Self::PROBING || (settings.errors > 0 && self.errors >= settings.errors) {
+        let opens = self.state == Self::PROBING
+            || (was_closed && settings.errors > 0 && self.errors >= settings.errors);
+        if opens {
             self.state = Self::OPEN;
             self.until = now.saturating_add(settings.cooldown);
         }
+        (opens && was_closed).then_some(Transition::Opened)
     }
 
-    /// "closed", "open", or "probing" while a probe lookup is out.
-    pub fn state_name(&self) -> &'static str {
+    /// "closed"; "open" during the cool-down; "half-open" once it is over and the next miss
+    /// will probe; "probing" while a probe lookup is out.
+    pub fn state_name(&self, now: u64) -> &'static str {
         match self.state {
             Self::CLOSED => "closed",
-            Self::OPEN => "open",
+            Self::OPEN if now < self.until => "open",
+            Self::OPEN => "half-open",
             _ => "probing",
         }
     }
 
-    /// Whether misses are being answered without the service.
-    pub fn is_open(&self) -> bool {
-        self.state != Self::CLOSED
+    /// Whether misses are answered without the service at `now`.
+    pub fn is_shut(&self, now: u64) -> bool {
+        self.state == Self::OPEN && now < self.until
     }
 
     /// Consecutive lookup errors so far.
@@ -355,7 +370,7 @@ pub struct Stats {
     pub refreshes: [AtomicU64; Outcome::ALL.len()],
     /// Lookup latency, as counts per bucket of [`LATENCY_BOUNDS`] plus one for the rest.
     pub latency: [AtomicU64; LATENCY_BOUNDS.len() + 1],
-    pub latency_sum_ms: AtomicU64,
+    pub latency_sum_us: AtomicU64,
     /// Misses answered without the service because the breaker was open.
     pub breaker_shut: AtomicU64,
     /// Answers that could not be cached for lack of memory.
@@ -371,15 +386,39 @@ impl Stats {
         bump(&self.refused[why as usize]);
     }
 
-    /// Counts a lookup and its latency; `background` for refreshes.
-    pub fn lookup(&self, outcome: Outcome, millis: u64, background: bool) {
+    /// Counts a lookup and its latency, in microseconds; `background` for refreshes.
+    pub fn lookup(&self, outcome: Outcome, micros: u64, background: bool) {
         let by_outcome = if background { &self.refreshes } else { &self.lookups };
         bump(&by_outcome[outcome as usize]);
 
-        let bucket =
-            LATENCY_BOUNDS.iter().position(|&b| millis <= b).unwrap_or(LATENCY_BOUNDS.len());
+        let bucket = LATENCY_BOUNDS
+            .iter()
+            .position(|&ms| micros <= ms * 1000)
+            .unwrap_or(LATENCY_BOUNDS.len());
         bump(&self.latency[bucket]);
-        self.latency_sum_ms.fetch_add(millis, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Adds another zone's counters to these: a zone resized on reload keeps its counts.
+    pub fn add(&self, other: &Stats) {
+        let arrays = self
+            .allowed
+            .iter()
+            .zip(&other.allowed)
+            .chain(self.refused.iter().zip(&other.refused))
+            .chain(self.lookups.iter().zip(&other.lookups))
+            .chain(self.refreshes.iter().zip(&other.refreshes))
+            .chain(self.latency.iter().zip(&other.latency));
+        let singles = [
+            (&self.hits, &other.hits),
+            (&self.misses, &other.misses),
+            (&self.latency_sum_us, &other.latency_sum_us),
+            (&self.breaker_shut, &other.breaker_shut),
+            (&self.store_failures, &other.store_failures),
+        ];
+        for (mine, theirs) in arrays.chain(singles) {
+            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
     }
 }
 
@@ -538,21 +577,21 @@ mod tests {
             assert_eq!(b.admit(s, now), Admission::Go);
             b.record(false, s, now);
         }
-        assert!(b.is_open());
-        assert_eq!(b.state_name(), "open");
+        assert!(b.is_shut(60));
+        assert_eq!(b.state_name(60), "open");
         assert_eq!(b.admit(s, 60), Admission::Shut);
         assert_eq!(b.admit(s, 1049), Admission::Shut, "still cooling down");
 
         assert_eq!(b.admit(s, 1050), Admission::Probe);
-        assert_eq!(b.state_name(), "probing");
+        assert_eq!(b.state_name(1055), "probing");
         assert_eq!(b.admit(s, 1060), Admission::Shut, "one probe at a time");
         b.record(false, s, 1100);
         assert_eq!(b.admit(s, 1200), Admission::Shut, "a failed probe opens it again");
 
         assert_eq!(b.admit(s, 2100), Admission::Probe);
         b.record(true, s, 2110);
-        assert!(!b.is_open());
-        assert_eq!(b.state_name(), "closed");
+        assert!(!b.is_shut(2111));
+        assert_eq!(b.state_name(2111), "closed");
         assert_eq!(b.admit(s, 2120), Admission::Go, "a good probe closes it");
     }
 
@@ -580,13 +619,38 @@ mod tests {
     #[test]
     fn stats_count_latency_into_buckets() {
         let stats = Stats::default();
-        for (millis, bucket) in [(0, 0), (1, 0), (2, 1), (7, 3), (1000, 9), (5000, 10)] {
+        let cases =
+            [(0, 0), (1000, 0), (1001, 1), (2000, 1), (7500, 3), (1_000_000, 9), (5_000_000, 10)];
+        for (micros, bucket) in cases {
             let before = stats.latency[bucket].load(Ordering::Relaxed);
-            stats.lookup(Outcome::Registered, millis, false);
-            assert_eq!(stats.latency[bucket].load(Ordering::Relaxed), before + 1, "{millis}ms");
+            stats.lookup(Outcome::Registered, micros, false);
+            assert_eq!(stats.latency[bucket].load(Ordering::Relaxed), before + 1, "{micros}us");
         }
-        assert_eq!(stats.lookups[Outcome::Registered as usize].load(Ordering::Relaxed), 6);
-        assert_eq!(stats.latency_sum_ms.load(Ordering::Relaxed), 6010);
+        assert_eq!(stats.lookups[Outcome::Registered as usize].load(Ordering::Relaxed), 7);
+        assert_eq!(stats.latency_sum_us.load(Ordering::Relaxed), 6_011_501);
+
+        let copy = Stats::default();
+        copy.add(&stats);
+        copy.add(&stats);
+        assert_eq!(copy.latency_sum_us.load(Ordering::Relaxed), 2 * 6_011_501);
+        assert_eq!(copy.latency[10].load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn breaker_transitions_are_reported_once() {
+        let mut b = Breaker::default();
+        let s = &BREAKER;
+        let seen: Vec<Option<Transition>> = [false, false, false, false]
+            .iter()
+            .enumerate()
+            .map(|(i, &ok)| b.record(ok, s, i as u64))
+            .collect();
+        assert_eq!(seen, [None, None, Some(Transition::Opened), None]);
+        assert_eq!(b.state_name(2000), "half-open");
+        assert_eq!(b.admit(s, 2000), Admission::Probe);
+        assert_eq!(b.record(false, s, 2001), None, "a failed probe: still open");
+        assert_eq!(b.record(true, s, 4000), Some(Transition::Closed));
+        assert_eq!(b.record(true, s, 4001), None);
     }
 
     #[test]

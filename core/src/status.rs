@@ -20,7 +20,7 @@ pub struct ZoneReport {
     pub refreshes: [u64; Outcome::ALL.len()],
     /// Lookups per latency bucket of [`LATENCY_BOUNDS`], the last one for the rest.
     pub latency: [u64; LATENCY_BOUNDS.len() + 1],
-    pub latency_sum_ms: u64,
+    pub latency_sum_us: u64,
     pub breaker_shut: u64,
     pub store_failures: u64,
     pub entries: u64,
@@ -47,7 +47,7 @@ impl ZoneReport {
             lookups: read(&stats.lookups),
             refreshes: read(&stats.refreshes),
             latency: read(&stats.latency),
-            latency_sum_ms: stats.latency_sum_ms.load(Ordering::Relaxed),
+            latency_sum_us: stats.latency_sum_us.load(Ordering::Relaxed),
             breaker_shut: stats.breaker_shut.load(Ordering::Relaxed),
             store_failures: stats.store_failures.load(Ordering::Relaxed),
             breaker: "closed",
@@ -99,7 +99,7 @@ pub fn to_json(zones: &[ZoneReport]) -> String {
                 "refreshes": by(&outcomes, &z.refreshes),
                 "lookup_latency": {
                     "buckets": buckets,
-                    "sum_ms": z.latency_sum_ms,
+                    "sum_ms": z.latency_sum_us as f64 / 1000.0,
                     "count": z.latency.iter().sum::<u64>(),
                 },
                 "breaker": {
@@ -222,7 +222,7 @@ pub fn to_prometheus(zones: &[ZoneReport]) -> String {
                 o,
                 "sni_guard_lookup_duration_seconds_sum{{zone=\"{}\"}} {}",
                 escape(&z.name),
-                z.latency_sum_ms as f64 / 1000.0
+                z.latency_sum_us as f64 / 1e6
             );
             sample(o, "lookup_duration_seconds_count", &z.name, &[], cumulative);
         }
@@ -233,7 +233,8 @@ pub fn to_prometheus(zones: &[ZoneReport]) -> String {
         "1 while the breaker keeps misses from the service.",
         &mut |o| {
             for z in zones {
-                sample(o, "breaker_open", &z.name, &[], u64::from(z.breaker != "closed"));
+                let shut = matches!(z.breaker, "open" | "probing");
+                sample(o, "breaker_open", &z.name, &[], u64::from(shut));
             }
         },
     );
@@ -280,7 +281,7 @@ mod tests {
         z.latency[0] = 1;
         z.latency[3] = 2;
         z.latency[LATENCY_BOUNDS.len()] = 1;
-        z.latency_sum_ms = 1520;
+        z.latency_sum_us = 1_520_250;
         z.entries = 12;
         z.evictions = 1;
         z.bytes_used = 4096;
@@ -307,7 +308,6 @@ mod tests {
             (&z["lookups"]["registered"], 1),
             (&z["refreshes"]["error"], 5),
             (&z["lookup_latency"]["count"], 4),
-            (&z["lookup_latency"]["sum_ms"], 1520),
             (&z["lookup_latency"]["buckets"][3]["count"], 2),
             (&z["breaker"]["errors"], 5),
         ];
@@ -315,6 +315,7 @@ mod tests {
             assert_eq!(**got, json!(want), "case {i}");
         }
         assert_eq!(z["breaker"]["state"], "open");
+        assert_eq!(z["lookup_latency"]["sum_ms"], json!(1520.25));
         assert_eq!(z["lookup_latency"]["buckets"][10]["le_ms"], "inf");
     }
 
@@ -329,7 +330,7 @@ mod tests {
             "sni_guard_lookup_duration_seconds_bucket{zone=\"guard\",le=\"0.001\"} 1",
             "sni_guard_lookup_duration_seconds_bucket{zone=\"guard\",le=\"0.01\"} 3",
             "sni_guard_lookup_duration_seconds_bucket{zone=\"guard\",le=\"+Inf\"} 4",
-            "sni_guard_lookup_duration_seconds_sum{zone=\"guard\"} 1.52",
+            "sni_guard_lookup_duration_seconds_sum{zone=\"guard\"} 1.52025",
             "sni_guard_lookup_duration_seconds_count{zone=\"guard\"} 4",
             "sni_guard_breaker_open{zone=\"guard\"} 1",
             "# TYPE sni_guard_lookup_duration_seconds histogram",
