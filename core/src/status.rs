@@ -152,46 +152,35 @@ pub fn to_prometheus(zones: &[ZoneReport]) -> String {
             }
         }
     });
-    family("cache_hits_total", "counter", "Valid names answered from the cache.", &mut |o| {
-        for z in zones {
-            sample(o, "cache_hits_total", &z.name, &[], z.hits);
-        }
-    });
-    family("cache_misses_total", "counter", "Valid names not in the cache.", &mut |o| {
-        for z in zones {
-            sample(o, "cache_misses_total", &z.name, &[], z.misses);
-        }
-    });
-    family("cache_entries", "gauge", "Names in the cache.", &mut |o| {
-        for z in zones {
-            sample(o, "cache_entries", &z.name, &[], z.entries);
-        }
-    });
-    family("cache_evictions_total", "counter", "Entries evicted to make room.", &mut |o| {
-        for z in zones {
-            sample(o, "cache_evictions_total", &z.name, &[], z.evictions);
-        }
-    });
-    family(
-        "cache_store_failures_total",
-        "counter",
-        "Answers not cached for lack of memory.",
-        &mut |o| {
+    // The metrics that are one number per zone.
+    type Single = (&'static str, &'static str, &'static str, fn(&ZoneReport) -> u64);
+    let singles: [Single; 10] = [
+        ("cache_hits_total", "counter", "Valid names answered from the cache.", |z| z.hits),
+        ("cache_misses_total", "counter", "Valid names not in the cache.", |z| z.misses),
+        ("cache_entries", "gauge", "Names in the cache.", |z| z.entries),
+        ("cache_evictions_total", "counter", "Entries evicted to make room.", |z| z.evictions),
+        ("cache_store_failures_total", "counter", "Answers not cached for lack of memory.", |z| {
+            z.store_failures
+        }),
+        ("zone_bytes_used", "gauge", "Bytes of the zone in use.", |z| z.bytes_used),
+        ("zone_bytes", "gauge", "Size of the zone in bytes.", |z| z.bytes_total),
+        ("breaker_open", "gauge", "1 while the breaker keeps misses from the service.", |z| {
+            u64::from(matches!(z.breaker, "open" | "probing"))
+        }),
+        ("breaker_errors", "gauge", "Consecutive lookup errors so far.", |z| {
+            z.breaker_errors.into()
+        }),
+        ("breaker_shut_total", "counter", "Misses answered without the service.", |z| {
+            z.breaker_shut
+        }),
+    ];
+    for (name, kind, help, value) in singles {
+        family(name, kind, help, &mut |o| {
             for z in zones {
-                sample(o, "cache_store_failures_total", &z.name, &[], z.store_failures);
+                sample(o, name, &z.name, &[], value(z));
             }
-        },
-    );
-    family("zone_bytes_used", "gauge", "Bytes of the zone in use.", &mut |o| {
-        for z in zones {
-            sample(o, "zone_bytes_used", &z.name, &[], z.bytes_used);
-        }
-    });
-    family("zone_bytes", "gauge", "Size of the zone in bytes.", &mut |o| {
-        for z in zones {
-            sample(o, "zone_bytes", &z.name, &[], z.bytes_total);
-        }
-    });
+        });
+    }
     family("lookups_total", "counter", "Lookups, by kind and outcome.", &mut |o| {
         for z in zones {
             for (kind, counts) in [("handshake", &z.lookups), ("refresh", &z.refreshes)] {
@@ -225,27 +214,6 @@ pub fn to_prometheus(zones: &[ZoneReport]) -> String {
                 z.latency_sum_us as f64 / 1e6
             );
             sample(o, "lookup_duration_seconds_count", &z.name, &[], cumulative);
-        }
-    });
-    family(
-        "breaker_open",
-        "gauge",
-        "1 while the breaker keeps misses from the service.",
-        &mut |o| {
-            for z in zones {
-                let shut = matches!(z.breaker, "open" | "probing");
-                sample(o, "breaker_open", &z.name, &[], u64::from(shut));
-            }
-        },
-    );
-    family("breaker_errors", "gauge", "Consecutive lookup errors so far.", &mut |o| {
-        for z in zones {
-            sample(o, "breaker_errors", &z.name, &[], z.breaker_errors.into());
-        }
-    });
-    family("breaker_shut_total", "counter", "Misses answered without the service.", &mut |o| {
-        for z in zones {
-            sample(o, "breaker_shut_total", &z.name, &[], z.breaker_shut);
         }
     });
 
