@@ -90,39 +90,6 @@ my $lookup_port = port(8081);
 my $ZONE_SIZE = 1048576;    # sni_guard_zone guard:1m
 my $master = pid_in("$d/nginx.pid") or die "no nginx.pid";
 
-# Waits, for at most $secs, until $cond is true; returns its last value.
-sub wait_for {
-	my ($secs, $cond) = @_;
-	my $deadline = time() + $secs;
-	my $v;
-	until (($v = $cond->()) || time() > $deadline) {
-		select undef, undef, undef, 0.02;
-	}
-	return $v;
-}
-
-sub pid_in {
-	my ($file) = @_;
-	open my $fh, '<', $file or return undef;
-	my $line = <$fh> // '';
-	return $line =~ /^(\d+)/ ? $1 : undef;
-}
-
-# Live (not zombie) children of a process, from /proc.
-sub children {
-	my ($ppid) = @_;
-	my @pids;
-	for my $stat (glob '/proc/[0-9]*/stat') {
-		open my $fh, '<', $stat or next;
-		my $line = <$fh>;
-		close $fh;
-		# the command name, in parentheses, may hold anything: skip to its end
-		my ($state, $parent) = ($line // '') =~ /.*\) (\S) (\d+) /s or next;
-		push @pids, $stat =~ m{(\d+)} if $parent == $ppid && $state ne 'Z';
-	}
-	return @pids;
-}
-
 # Clients forked by the test and not reaped yet; stopped if the test dies.
 my %spawned;
 my $main_pid = $$;

@@ -68,17 +68,6 @@ $t->plan(8)->run();
 
 my $port = port(8443);
 
-# Waits, for at most $secs, until $cond is true; returns its last value.
-sub wait_for {
-	my ($secs, $cond) = @_;
-	my $deadline = time() + $secs;
-	my $v;
-	until (($v = $cond->()) || time() > $deadline) {
-		select undef, undef, undef, 0.05;
-	}
-	return $v;
-}
-
 is(tls_get($port, 'shop.example.com')->{body}, 'name shop.example.com',
 	'registered name looked up and served');
 

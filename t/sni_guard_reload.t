@@ -84,44 +84,11 @@ my $port = port(8443);
 my @registered = ('a.example.com', 'b.example.com');
 my @unregistered = ('x.example.com', 'y.example.com');
 
-# Waits, for at most $secs, until $cond is true; returns its last value.
-sub wait_for {
-	my ($secs, $cond) = @_;
-	my $deadline = time() + $secs;
-	my $v;
-	until (($v = $cond->()) || time() > $deadline) {
-		select undef, undef, undef, 0.05;
-	}
-	return $v;
-}
-
-# Live (not zombie) children of a process, from /proc.
-sub children {
-	my ($ppid) = @_;
-	my @pids;
-	for my $stat (glob '/proc/[0-9]*/stat') {
-		open my $fh, '<', $stat or next;
-		my $line = <$fh>;
-		close $fh;
-		# the command name, in parentheses, may hold anything: skip to its end
-		my ($state, $parent) = ($line // '') =~ /.*\) (\S) (\d+) /s or next;
-		push @pids, $stat =~ m{(\d+)} if $parent == $ppid && $state ne 'Z';
-	}
-	return @pids;
-}
-
 sub alive {
 	my ($pid) = @_;
 	open my $fh, '<', "/proc/$pid/stat" or return 0;
 	my $line = <$fh> // '';
 	return $line =~ /.*\) Z /s ? 0 : 1;
-}
-
-sub pid_in {
-	my ($file) = @_;
-	open my $fh, '<', $file or return undef;
-	my $line = <$fh> // '';
-	return $line =~ /^(\d+)/ ? $1 : undef;
 }
 
 # Reloads and waits until every worker that ran before is gone and the

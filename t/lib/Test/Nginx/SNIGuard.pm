@@ -21,7 +21,7 @@ our $VERSION = '0.01';
 our @EXPORT_OK = qw(
     sni_ext client_hello alert_name tls_get
     lookup_daemon lookup_conf lookups lookup_count lookup_log lookup_conns lookup_clear
-    make_cert
+    make_cert wait_for pid_in children
 );
 our %EXPORT_TAGS = (all => \@EXPORT_OK);
 
@@ -99,6 +99,40 @@ my %MODE_ARG = (
     redirect  => undef,
     reset     => undef,
 );
+
+###############################################################################
+# Waiting and processes
+
+# Waits, for at most $secs, until $cond returns true; returns its last value.
+sub wait_for ($secs, $cond) {
+    my $deadline = Time::HiRes::time() + $secs;
+    my $v;
+    until (($v = $cond->()) || Time::HiRes::time() > $deadline) {
+        Time::HiRes::sleep(0.02);
+    }
+    return $v;
+}
+
+# The pid in a pid file, or undef.
+sub pid_in ($file) {
+    open my $fh, '<', $file or return undef;
+    my $line = <$fh> // '';
+    return $line =~ /^(\d+)/ ? $1 : undef;
+}
+
+# The live (not zombie) children of a process, from /proc.
+sub children ($ppid) {
+    my @pids;
+    for my $stat (glob '/proc/[0-9]*/stat') {
+        open my $fh, '<', $stat or next;
+        my $line = <$fh>;
+        close $fh;
+        # the command name, in parentheses, may hold anything: skip to its end
+        my ($state, $parent) = ($line // '') =~ /.*\) (\S) (\d+) /s or next;
+        push @pids, $stat =~ m{(\d+)} if $parent == $ppid && $state ne 'Z';
+    }
+    return @pids;
+}
 
 ###############################################################################
 # Certificates
@@ -990,6 +1024,21 @@ resumption OpenSSL's SSL_get_servername() on the server returns the name
 stored in the session, not the one just sent, so a check made in the
 servername callback (nginx's own, e.g. ssl_reject_handshake) does not see the
 new name; the self-test shows this.
+
+=head1 WAITING AND PROCESSES
+
+=head2 wait_for($secs, $cond)
+
+Calls C<$cond> every 20 ms until it returns true or C<$secs> pass; returns its last
+value.
+
+=head2 pid_in($file)
+
+The pid in a pid file, or undef.
+
+=head2 children($ppid)
+
+The pids of the live (not zombie) children of a process, read from F</proc>.
 
 =head1 CERTIFICATES
 
