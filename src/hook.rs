@@ -352,11 +352,11 @@ fn server_conf(cscf: *mut ngx_http_core_srv_conf_t) -> Option<&'static SrvConf> 
 /// The server nginx selected, or will select, for the handshake's server name.
 #[cfg(not(ngx_client_hello_cb))]
 fn selected_server(
-    _c: &ngx_connection_t,
+    c: &ngx_connection_t,
     addr_conf: &ngx_http_addr_conf_t,
     raw: &[u8],
 ) -> *mut ngx_http_core_srv_conf_t {
-    select_server(addr_conf, raw)
+    select_server(addr_conf, raw, c.log)
 }
 
 /// nginx's own callback has selected the server by now and switched the connection to it.
@@ -374,7 +374,11 @@ fn selected_server(
 
 /// The server nginx will select for a raw server name, found the way nginx finds it.
 #[cfg_attr(ngx_client_hello_cb, allow(dead_code))]
-fn select_server(addr_conf: &ngx_http_addr_conf_t, raw: &[u8]) -> *mut ngx_http_core_srv_conf_t {
+fn select_server(
+    addr_conf: &ngx_http_addr_conf_t,
+    raw: &[u8],
+    log: *mut ngx_log_t,
+) -> *mut ngx_http_core_srv_conf_t {
     let default = addr_conf.default_server;
 
     let (Some(key), Some(vn)) =
@@ -392,7 +396,7 @@ fn select_server(addr_conf: &ngx_http_addr_conf_t, raw: &[u8]) -> *mut ngx_http_
         return found.cast();
     }
 
-    #[cfg(ngx_feature = "pcre2")]
+    #[cfg(ngx_feature = "pcre")]
     {
         // SAFETY: `regex` holds `nregex` entries compiled at configuration time.
         let regexes: &[nginx_sys::ngx_http_server_name_t] = if vn.regex.is_null() {
@@ -402,16 +406,26 @@ fn select_server(addr_conf: &ngx_http_addr_conf_t, raw: &[u8]) -> *mut ngx_http_
         };
         let mut name = nginx_sys::ngx_str_t { len: key.len(), data };
         for sn in regexes {
-            // SAFETY: the compiled regex belongs to the configuration; no captures asked.
-            let n = unsafe {
-                nginx_sys::ngx_regex_exec((*sn.regex).regex, &mut name, ptr::null_mut(), 0)
+            // ngx_regex_exec_array() is the one matcher nginx exports for both PCRE and PCRE2;
+            // it is given a one-entry array so that the server that matched is known.
+            // SAFETY: the compiled regex belongs to the configuration; the array outlives the
+            // call, which only reads it.
+            let mut elt = nginx_sys::ngx_regex_elt_t {
+                regex: unsafe { (*sn.regex).regex },
+                name: sn.name.data,
             };
-            if n >= 0 {
-                return sn.server;
-            }
-            if n != nginx_sys::NGX_REGEX_NO_MATCHED as ngx_int_t {
+            let mut one = nginx_sys::ngx_array_t {
+                elts: ptr::from_mut(&mut elt).cast(),
+                nelts: 1,
+                size: core::mem::size_of::<nginx_sys::ngx_regex_elt_t>(),
+                nalloc: 1,
+                pool: ptr::null_mut(),
+            };
+            match unsafe { nginx_sys::ngx_regex_exec_array(&mut one, &mut name, log) } {
+                rc if rc == nginx_sys::NGX_OK as ngx_int_t => return sn.server,
+                rc if rc == nginx_sys::NGX_DECLINED as ngx_int_t => {}
                 // nginx fails such a handshake itself; its default server decides meanwhile.
-                break;
+                _ => break,
             }
         }
     }
