@@ -10,11 +10,19 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(ngx_feature, values({known}))");
 
     println!("cargo::rerun-if-env-changed=DEP_NGINX_FEATURES");
-    for feature in env::var("DEP_NGINX_FEATURES").unwrap_or_default().split(',') {
-        let feature = feature.trim();
-        if !feature.is_empty() {
-            println!("cargo::rustc-cfg=ngx_feature=\"{feature}\"");
-        }
+    let features = env::var("DEP_NGINX_FEATURES").unwrap_or_default();
+    let features: Vec<&str> =
+        features.split(',').map(str::trim).filter(|f| !f.is_empty()).collect();
+    for feature in &features {
+        println!("cargo::rustc-cfg=ngx_feature=\"{feature}\"");
+    }
+
+    // Stale answers are refreshed on nginx's thread pools, off the event loop.
+    if !features.is_empty() && !features.contains(&"threads") {
+        println!(
+            "cargo::error=sni_guard needs an nginx configured --with-threads; \
+             the nginx in NGINX_BUILD_DIR was not"
+        );
     }
 
     // nginx 1.29.2 selects the virtual server in a ClientHello callback of its own, which the

@@ -595,7 +595,6 @@ fn finish(cf: *mut ngx_conf_t, conf: &mut SrvConf, prev: &mut SrvConf) -> Result
 }
 
 /// Registers the thread pool that refreshes answers in the background.
-#[cfg(ngx_feature = "threads")]
 fn add_thread_pool(cf: *mut ngx_conf_t, conf: &mut SrvConf) -> Result<(), String> {
     let name = if conf.thread_pool_name.is_empty() {
         ptr::null_mut()
@@ -607,14 +606,6 @@ fn add_thread_pool(cf: *mut ngx_conf_t, conf: &mut SrvConf) -> Result<(), String
     conf.thread_pool = unsafe { nginx_sys::ngx_thread_pool_add(cf, name) };
     if conf.thread_pool.is_null() {
         return Err("could not add \"sni_guard_thread_pool\"".into());
-    }
-    Ok(())
-}
-
-#[cfg(not(ngx_feature = "threads"))]
-fn add_thread_pool(_cf: *mut ngx_conf_t, conf: &mut SrvConf) -> Result<(), String> {
-    if !conf.thread_pool_name.is_empty() {
-        return Err("\"sni_guard_thread_pool\" needs nginx built --with-threads".into());
     }
     Ok(())
 }

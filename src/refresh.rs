@@ -49,7 +49,7 @@ struct Refresh {
     micros: u64,
 }
 
-/// Starts a refresh of `name`. Without a thread pool the refresh runs here and now.
+/// Starts a refresh of `name` on the server's thread pool.
 pub fn start(conf: &'static SrvConf, zone: &ngx_shm_zone_t, name: &Name) {
     let Some(client) = conf.client.clone() else {
         return;
@@ -71,7 +71,6 @@ pub fn start(conf: &'static SrvConf, zone: &ngx_shm_zone_t, name: &Name) {
     post(refresh);
 }
 
-#[cfg(ngx_feature = "threads")]
 fn post(refresh: Box<Refresh>) {
     let pool = refresh.conf.thread_pool;
     let r = Box::into_raw(refresh);
@@ -93,14 +92,7 @@ fn post(refresh: Box<Refresh>) {
     }
 }
 
-#[cfg(not(ngx_feature = "threads"))]
-fn post(mut refresh: Box<Refresh>) {
-    check(&mut refresh);
-    finish(*refresh);
-}
-
 /// Runs on a pool thread.
-#[cfg(ngx_feature = "threads")]
 unsafe extern "C" fn run(data: *mut c_void, _log: *mut ngx_log_t) {
     // SAFETY: `data` is the task's context, the box `post` made; nothing else touches it until
     // `done` runs.
@@ -110,7 +102,6 @@ unsafe extern "C" fn run(data: *mut c_void, _log: *mut ngx_log_t) {
 }
 
 /// Runs on the worker's event loop once the pool thread is done.
-#[cfg(ngx_feature = "threads")]
 unsafe extern "C" fn done(ev: *mut ngx_event_t) {
     // SAFETY: the event's data is the box `post` made; nginx calls this once per task.
     let refresh = unsafe { Box::from_raw((*ev).data.cast::<Refresh>()) };
