@@ -16,7 +16,8 @@ usage: sni-load --addr IP:PORT --mode full|hello --names SPEC --duration SECS [-
   --duration SECS    start no attempt after SECS seconds (fractions allowed)
   --max N            start at most N attempts in all
   --concurrency C    C threads, one connection at a time each (default 1, at most 1024)
-  --rate R           pace attempts to at most R per second in all (default: unpaced)
+  --rate R           pace attempts to at most R per second in all, R >= 0.001
+                     (default: unpaced)
   --tls12            full mode: TLS 1.2 instead of TLS 1.3
   --source IP        bind this local loopback address before connecting
   --request          full mode: send GET / after the handshake, read the reply to EOF
@@ -25,6 +26,9 @@ usage: sni-load --addr IP:PORT --mode full|hello --names SPEC --duration SECS [-
 
 /// Most threads one run may start: more would only measure the scheduler of a small machine.
 pub const MAX_CONCURRENCY: usize = 1024;
+
+/// The slowest pace: slower ones would overflow the pacing arithmetic and run unpaced.
+pub const MIN_RATE: f64 = 0.001;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -221,7 +225,10 @@ fn validate(raw: Raw) -> Result<Args, CliError> {
     };
 
     let rate = match raw.rate {
-        Some(text) => Some(positive_f64("--rate", &text)?),
+        Some(text) => match positive_f64("--rate", &text)? {
+            r if r < MIN_RATE => return Err(invalid("--rate", text, "at least 0.001 a second")),
+            r => Some(r),
+        },
         None => None,
     };
 
@@ -375,6 +382,8 @@ mod tests {
                 matches!(e, CliError::Invalid { option: "--concurrency", .. })
             }),
             (&["--rate", "0"], |e| matches!(e, CliError::Invalid { option: "--rate", .. })),
+            (&["--rate", "1e-30"], |e| matches!(e, CliError::Invalid { option: "--rate", .. })),
+            (&["--rate", "0.0009"], |e| matches!(e, CliError::Invalid { option: "--rate", .. })),
             (&["--rate", "inf"], |e| matches!(e, CliError::Invalid { option: "--rate", .. })),
             (&["--rate", "NaN"], |e| matches!(e, CliError::Invalid { option: "--rate", .. })),
             (&["--timeout", "x"], |e| matches!(e, CliError::Invalid { option: "--timeout", .. })),
