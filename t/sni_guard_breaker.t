@@ -346,7 +346,7 @@ ok($refused == 20 && $lines >= 3 && $lines <= 4 && $lines == $asked,
 
 # the breaker says when it opens and when the service answers again
 
-my $log = $t->read_file('error.log');
+$log = $t->read_file('error.log');
 like($log, qr/\[warn\] .*sni_guard zone "\w+": 3 lookup errors in a row, not asking the lookup service for 2000 ms/,
 	'the breaker opening is logged at warn');
 like($log, qr/\[notice\] .*sni_guard zone "\w+": the lookup service answers again/,
