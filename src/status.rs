@@ -11,6 +11,7 @@ use nginx_sys::{
 use ngx::core::Status;
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf};
 use sni_guard_core::names;
+use sni_guard_core::query::{self, PurgeTarget};
 use sni_guard_core::status::{to_json, to_prometheus, ZoneReport};
 
 use crate::{zone, Module};
@@ -63,7 +64,8 @@ pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t
 }
 
 /// `DELETE ?name=NAME` removes a name from the cache (204, or 404 when it was not cached);
-/// `DELETE` alone empties it (204). The location's zone, or every zone.
+/// `DELETE` with no query empties it (204); any other query is a 400. The location's zone, or
+/// every zone.
 pub unsafe extern "C" fn purge_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx passes the request being handled.
     let r = unsafe { &mut *r };
@@ -86,20 +88,21 @@ pub unsafe extern "C" fn purge_handler(r: *mut ngx_http_request_t) -> ngx_int_t 
 
     let log = r.connection_log();
 
-    let Some(raw) = arg(r, "name") else {
-        for zone in zones {
-            zone::with_zone(zone, log, |z| z.cache.clear());
+    let name = match query::purge_target(r.args.as_bytes()) {
+        Ok(PurgeTarget::All) => {
+            for zone in zones {
+                zone::with_zone(zone, log, |z| z.cache.clear());
+            }
+            return respond(r, HTTP_NO_CONTENT, "text/plain", b"");
         }
-        return respond(r, HTTP_NO_CONTENT, "text/plain", b"");
+        Ok(PurgeTarget::One(name)) => {
+            names::normalise(&name).map_err(|e| format!("invalid name: {e}"))
+        }
+        Err(e) => Err(e.to_string()),
     };
-
-    let decoded = percent_decode(&raw);
-    let name = match names::normalise(&decoded) {
+    let name = match name {
         Ok(name) => name,
-        Err(e) => {
-            let body = format!("invalid name: {e}\n");
-            return respond(r, HTTP_BAD_REQUEST, "text/plain", body.as_bytes());
-        }
+        Err(e) => return respond(r, HTTP_BAD_REQUEST, "text/plain", format!("{e}\n").as_bytes()),
     };
 
     let removed = zones
@@ -249,27 +252,6 @@ fn not_allowed(r: &mut ngx_http_request_t, allow: &str) -> ngx_int_t {
         return NGX_ERROR;
     }
     HTTP_NOT_ALLOWED
-}
-
-/// Decodes %XX escapes (and leaves everything else alone).
-fn percent_decode(raw: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match (raw[i], raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex))
-        {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push(hi << 4 | lo);
-                i += 3;
-            }
-            (byte, _, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// The log of the request's connection.

@@ -83,7 +83,7 @@ lookup_conf($d, registered => [ 'leaving.example.com', 'kept.example.com' ]);
 $t->run_daemon(\&lookup_daemon, port(8081), $d);
 $t->waitforfile("$d/lookup.pid") or die "lookup service did not start";
 
-$t->plan(17)->run();
+$t->plan(21)->run();
 
 ###############################################################################
 
@@ -121,6 +121,14 @@ is(outcome($guard, 'new.example.com'), 'served', 'added name: served at once');
 
 is(purge('?name=never.example.com'), 404, 'purge of a name not cached: 404');
 is(purge('?name=bad_name.example'), 400, 'purge of an invalid name: 400');
+
+# any other query is refused, never read as "everything"
+
+is(purge('?domain=new.example.com'), 400, 'purge with another parameter: 400');
+is(purge('?name'), 400, 'purge with a name without a value: 400');
+is(purge('?name=new.example.com&name=kept.example.com'), 400, 'purge of two names: 400');
+outcome($guard, 'new.example.com');
+is(lookup_count($d, 'new.example.com'), 2, 'refused purges removed nothing');
 
 # purge all, and per zone
 

@@ -10,5 +10,6 @@ pub mod cache;
 pub mod lookup;
 pub mod names;
 pub mod policy;
+pub mod query;
 pub mod shared;
 pub mod status;
