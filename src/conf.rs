@@ -677,21 +677,6 @@ extern "C" fn cmd_set_lookup(
         }
     };
 
-    // The module appends "domain=NAME"; a URL with one already would send two, and many
-    // services read the first.
-    let has_domain = url
-        .path_and_query()
-        .split_once('?')
-        .is_some_and(|(_, query)| query.split('&').any(|p| p.split('=').next() == Some("domain")));
-    if has_domain {
-        ngx_conf_log_error!(
-            NGX_LOG_EMERG,
-            cf,
-            "invalid URL \"{text}\": the module adds the \"domain\" parameter itself"
-        );
-        return NGX_CONF_ERROR;
-    }
-
     let addrs = match url.resolve() {
         Ok(addrs) if !addrs.is_empty() => addrs,
         Ok(_) => {

@@ -33,6 +33,7 @@ use ureq::unversioned::transport::{
 use ureq::{Agent, Body};
 
 use crate::answer::{classify, Answer, LookupError};
+use crate::query;
 
 /// Default limit of a reply body.
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024;
@@ -91,6 +92,8 @@ pub enum UrlError {
     BadIpv6,
     /// A character not allowed in a path or query.
     BadPath,
+    /// A `domain` parameter in the query, which the module adds itself.
+    DomainParameter,
     /// The host name did not resolve.
     Resolve(String),
     /// The host name resolved to no address.
@@ -113,6 +116,9 @@ impl fmt::Display for UrlError {
             UrlError::UnbracketedIpv6 => f.write_str("ipv6 address in url must be in brackets"),
             UrlError::BadIpv6 => f.write_str("bad ipv6 address in url"),
             UrlError::BadPath => f.write_str("bad character in url path or query"),
+            UrlError::DomainParameter => {
+                f.write_str("the module adds the \"domain\" parameter itself")
+            }
             UrlError::Resolve(m) => write!(f, "cannot resolve url host: {m}"),
             UrlError::NoAddress => f.write_str("url host resolved to no address"),
         }
@@ -192,6 +198,9 @@ impl LookupUrl {
         };
         if !valid_path_and_query(&path_and_query) {
             return Err(UrlError::BadPath);
+        }
+        if path_and_query.split_once('?').is_some_and(|(_, q)| query::has_domain_parameter(q)) {
+            return Err(UrlError::DomainParameter);
         }
         Ok(LookupUrl {
             original: s.to_owned(),
@@ -1043,6 +1052,8 @@ mod tests {
             ("http://example.com/%", UrlError::BadPath),
             ("http://example.com/%4", UrlError::BadPath),
             ("http://example.com/%zz", UrlError::BadPath),
+            ("http://example.com/c?domain=a.example", UrlError::DomainParameter),
+            ("http://example.com/c?k=v;%64omain=a.example", UrlError::DomainParameter),
             (long.as_str(), UrlError::TooLong),
         ];
         for (input, want) in cases {
