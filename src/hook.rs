@@ -13,7 +13,6 @@
 use core::ffi::{c_int, c_void};
 use core::ptr;
 use std::cell::RefCell;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
 use nginx_sys::{
@@ -29,6 +28,7 @@ use ngx::http::{HttpModuleMainConf, HttpModuleServerConf, NgxHttpCoreModule, Ngx
 use ngx::ngx_log_error;
 use sni_guard_core::cache::siphash13;
 use sni_guard_core::names;
+use sni_guard_core::panics;
 use sni_guard_core::shared::{Allowance, Decision, LogLimit, Refusal, Stats};
 
 use crate::conf::{self, Alert, NoSni, SrvConf};
@@ -160,8 +160,12 @@ unsafe extern "C" fn client_hello(ssl: *mut SSL, alert: *mut c_int, arg: *mut c_
             Some(name_changed(ssl, c))
         }
     } else {
-        let decided = catch_unwind(AssertUnwindSafe(|| check(ssl, c))).unwrap_or_else(|_| {
-            ngx_log_error!(NGX_LOG_ALERT, c.log, "sni_guard: panic in the handshake check");
+        let decided = panics::catch(|| check(ssl, c)).unwrap_or_else(|panic| {
+            ngx_log_error!(
+                NGX_LOG_ALERT,
+                c.log,
+                "sni_guard: panic in the handshake check: {panic}"
+            );
             Some((Decision::Refuse(Refusal::LookupError), None))
         });
 

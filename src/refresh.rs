@@ -11,7 +11,6 @@
 
 use core::ffi::c_void;
 use std::cell::Cell;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use ngx::ngx_log_error;
 use sni_guard_core::answer::{Answer, LookupError};
 use sni_guard_core::lookup::Client;
 use sni_guard_core::names::Name;
+use sni_guard_core::panics;
 
 use crate::conf::SrvConf;
 use crate::guard;
@@ -97,8 +97,10 @@ unsafe extern "C" fn run(data: *mut c_void, _log: *mut ngx_log_t) {
     // SAFETY: `data` is the task's context, the box `post` made; nothing else touches it until
     // `done` runs.
     let refresh = unsafe { &mut *data.cast::<Refresh>() };
-    // A panic is caught here, on the pool thread; `done` then finds no result.
-    let _ = catch_unwind(AssertUnwindSafe(|| check(refresh)));
+    // A panic is caught here, on the pool thread; `done` then logs it.
+    if let Err(panic) = panics::catch(|| check(refresh)) {
+        refresh.result = Some(Err(LookupError::Internal(format!("panic: {panic}"))));
+    }
 }
 
 /// Runs on the worker's event loop once the pool thread is done.
@@ -120,7 +122,7 @@ fn finish(refresh: Refresh) {
     // SAFETY: the cycle's log outlives the events of its workers.
     let log = unsafe { (*nginx_sys::ngx_cycle).log };
 
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
+    let outcome = panics::catch(|| {
         // SAFETY: the zone belongs to the configuration of this worker, which lives as long as
         // the worker does.
         let Some(zone) = (unsafe { refresh.zone.as_ref() }) else {
@@ -128,9 +130,9 @@ fn finish(refresh: Refresh) {
         };
         let result = refresh.result.unwrap_or(Err(LookupError::Internal("panic".into())));
         guard::finish(refresh.conf, zone, &refresh.name, &result, refresh.micros, true, log);
-    }));
+    });
 
-    if outcome.is_err() {
-        ngx_log_error!(NGX_LOG_ALERT, log, "sni_guard: panic while storing a refresh");
+    if let Err(panic) = outcome {
+        ngx_log_error!(NGX_LOG_ALERT, log, "sni_guard: panic while storing a refresh: {panic}");
     }
 }

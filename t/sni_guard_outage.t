@@ -49,6 +49,7 @@ my @cases = (
 	[ 'malformed status line', 'malformed', 'malformed', qr/malformed/ ],
 	[ 'endless body', 'endless', 'endless', qr/too large/ ],
 	[ 'redirect', 'redirect', 'redirect', qr/redirect 302/ ],
+	[ 'status below 100', 's099', 'status 099', qr/internal error/ ],
 );
 
 # Case $i: nginx listens on 8441 + $i, its lookup service on 8081 + $i.
@@ -130,7 +131,7 @@ for my $key (map { $_->[1] } @cases) {
 	$t->waitforfile("$dir{$key}/lookup.pid") or die "lookup service $key did not start";
 }
 
-$t->plan(8 * @cases + 2 * grep { defined $_->[2] } @cases)->run();
+$t->plan(8 * @cases + 2 * grep({ defined $_->[2] } @cases) + 1)->run();
 
 ###############################################################################
 
@@ -296,5 +297,11 @@ for my $case (@cases) {
 	is("$outcome, $n lookup", 'handshake, 1 lookup',
 		"$what: nothing cached, once fixed the new name is looked up once and completes");
 }
+
+# what failed, failed in the module's lines: nothing else reached the error log
+# (a panic in the HTTP client, caught, would print its own lines otherwise)
+
+my @foreign = grep { !m!^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[! } split /\n/, error_log();
+is("@foreign", '', 'every line of the error log is one of nginx\'s');
 
 ###############################################################################

@@ -9,6 +9,7 @@ pub mod answer;
 pub mod cache;
 pub mod lookup;
 pub mod names;
+pub mod panics;
 pub mod policy;
 pub mod query;
 pub mod shared;

@@ -20,7 +20,6 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +32,7 @@ use ureq::unversioned::transport::{
 use ureq::{Agent, Body};
 
 use crate::answer::{classify, Answer, LookupError};
+use crate::panics;
 use crate::query;
 
 /// Default limit of a reply body.
@@ -523,9 +523,9 @@ impl Client {
 
     fn attempt(&self, url: &str, fresh: bool) -> Result<Answer, Failure> {
         call::start_attempt();
-        let result = catch_unwind(AssertUnwindSafe(|| self.exchange(url, fresh)));
-        let result = result
-            .unwrap_or_else(|_| Err(LookupError::Internal("http client panicked".into()).into()));
+        let result = panics::catch(|| self.exchange(url, fresh)).unwrap_or_else(|panic| {
+            Err(LookupError::Internal(format!("http client panicked: {panic}")).into())
+        });
         result.map_err(|mut failure| {
             // Only a request that died on a reused connection before any reply byte arrived
             // can be a connection the service closed while idle; anything else is an answer.

@@ -89,7 +89,7 @@ my %REASON = (
 
 my %MODE_ARG = (
     normal    => undef,
-    status    => qr/^[1-9][0-9]{2}$/,
+    status    => qr/^[0-9]{3}$/,
     hang      => undef,
     slow      => qr/^[0-9]{1,5}$/,
     close     => undef,
@@ -1128,7 +1128,7 @@ without a domain parameter answers 400.
 Modes (the last C<mode> line wins; default normal):
 
     normal      answer from the name lines
-    status N    every request answers N (body "status N")
+    status N    every request answers N (body "status N"), three digits, 000 to 999
     hang        read the request, never answer; close when the client does or after 30 s
     slow MS     sleep MS milliseconds (at most 99999), then answer normally
     close       close right after reading the request
