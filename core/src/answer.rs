@@ -101,7 +101,7 @@ pub fn classify(
     let registered = match status {
         200..=299 => true,
         403 | 404 | 410 => false,
-        300..=399 => return Err(LookupError::Redirect(status)),
+        301 | 302 | 303 | 307 | 308 => return Err(LookupError::Redirect(status)),
         _ => return Err(LookupError::Status(status)),
     };
     let ttl = match content_type {
@@ -191,13 +191,14 @@ mod tests {
             (201, reg(None)),
             (204, reg(None)),
             (299, reg(None)),
-            (300, Err(LookupError::Redirect(300))),
+            (300, Err(LookupError::Status(300))),
             (301, Err(LookupError::Redirect(301))),
             (302, Err(LookupError::Redirect(302))),
-            (304, Err(LookupError::Redirect(304))),
+            (303, Err(LookupError::Redirect(303))),
+            (304, Err(LookupError::Status(304))),
             (307, Err(LookupError::Redirect(307))),
             (308, Err(LookupError::Redirect(308))),
-            (399, Err(LookupError::Redirect(399))),
+            (399, Err(LookupError::Status(399))),
             (400, Err(LookupError::Status(400))),
             (401, Err(LookupError::Status(401))),
             (403, unreg(None)),
