@@ -208,7 +208,12 @@ fn carry_over(old: &ngx_shm_zone_t, new: &ngx_shm_zone_t, name: &str) {
     with_lock(old_pool, || {
         if let Some(zone) = open(old_pool).filter(|z| !z.cache.interrupted()) {
             zone.cache.for_each(|name, found| entries.push((name.to_vec(), found)));
-            kept_state = Some((zone.state.service, zone.state.budget, zone.state.breaker));
+            kept_state = Some((
+                zone.state.service,
+                zone.state.budget,
+                zone.state.breaker,
+                zone.cache.evictions(),
+            ));
         }
     });
 
@@ -221,16 +226,17 @@ fn carry_over(old: &ngx_shm_zone_t, new: &ngx_shm_zone_t, name: &str) {
         let Some(mut zone) = open(new_pool) else {
             return 0;
         };
-        if let Some((service, budget, breaker)) = kept_state {
+        if let Some((service, budget, breaker, evictions)) = kept_state {
             zone.state.service = service;
             zone.state.budget = budget;
             zone.state.breaker = breaker;
+            zone.cache.add_evictions(evictions);
         }
-        entries
-            .iter()
-            .rev()
-            .filter(|(name, f)| zone.cache.put(name, f.state, f.expires, f.keep, 0).is_ok())
-            .count()
+        // A smaller zone may evict some of the entries copied before: those count as evicted.
+        for (name, f) in entries.iter().rev() {
+            let _ = zone.cache.put(name, f.state, f.expires, f.keep, 0);
+        }
+        zone.cache.len()
     });
 
     // The counters go on from where they were.

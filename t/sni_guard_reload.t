@@ -76,7 +76,7 @@ lookup_conf($d, registered => [ map { "$_.example.com" } qw/ a b c up / ]);
 $t->run_daemon(\&lookup_daemon, port(8081), $d);
 $t->waitforfile("$d/lookup.pid") or die "lookup service did not start";
 
-$t->plan(30)->run();
+$t->plan(36)->run();
 
 ###############################################################################
 
@@ -217,6 +217,28 @@ like($t->read_file('error.log'),
 	'zone shrunk: logged with the sizes and the entries kept');
 is(outcomes($port, @names, 'c.example.com'), "$expected served", 'zone shrunk: same answers');
 is(scalar lookups($d), 5, 'zone shrunk: no new lookup for the kept entries');
+
+# shrunk below what it holds: the oldest answers give way, and the line says
+# how many were kept
+
+$t->write_file_expand('nginx.conf', conf('1m'));
+ok(reload_and_wait($t), 'zone grown again: reloaded');
+my @many = map { "many-$_.example.com" } 1 .. 600;
+my $refused = grep { client_hello($port, sni => $_)->{outcome} eq 'alert' } @many;
+is($refused, 600, 'zone grown again: 600 invented names refused, and cached');
+
+$t->write_file_expand('nginx.conf', conf('64k'));
+ok(reload_and_wait($t), 'zone shrunk below its entries: reloaded');
+my ($kept, $total) = $t->read_file('error.log')
+	=~ /resized from 1048576 to 65536 bytes, (\d+) of (\d+) entries kept/;
+ok(defined $kept && $total >= 605 && $kept > 100 && $kept < $total,
+	'zone shrunk below its entries: logged with the entries that fit'
+	. (defined $kept ? " ($kept of $total)" : ''));
+is(outcomes($port, @names, 'c.example.com'), "$expected served",
+	'zone shrunk below its entries: same answers');
+my $before = scalar lookups($d);
+client_hello($port, sni => $many[0]);
+is(scalar lookups($d), $before + 1, 'zone shrunk below its entries: the oldest given way');
 
 unlike($t->read_file('error.log'), qr/sni_guard zone .* emptied/,
 	'no zone was emptied on the way');

@@ -244,9 +244,14 @@ impl<A: Arena> Cache<A> {
         self.len() == 0
     }
 
-    /// Entries evicted to make room since the cache was laid out.
+    /// Entries evicted to make room, in this cache and in those it replaced.
     pub fn evictions(&self) -> u64 {
         self.header().evictions
+    }
+
+    /// Adds the evictions of the cache this one replaces, so that the count goes on.
+    pub fn add_evictions(&mut self, n: u64) {
+        self.header_mut().evictions += n;
     }
 
     /// Insertions that failed for lack of memory since the cache was laid out.
