@@ -301,8 +301,17 @@ fn refuse(
     Decision::Refuse(why)
 }
 
-/// The client's address, for its share of the lookup budget.
+/// The client's address, for its share of the lookup budget: behind a proxy that speaks the
+/// PROXY protocol (`listen ... proxy_protocol`), the address it reports, as
+/// `$proxy_protocol_addr` is, since every connection comes from the proxy itself.
 fn client_address(c: &ngx_connection_t) -> Option<Vec<u8>> {
+    // SAFETY: nginx reads the PROXY protocol header before the TLS handshake starts, and keeps
+    // what it read in the connection's pool.
+    if let Some(proxied) = unsafe { c.proxy_protocol.as_ref() } {
+        if !proxied.src_addr.is_empty() {
+            return Some(proxied.src_addr.as_bytes().to_vec());
+        }
+    }
     // SAFETY: nginx sets `sockaddr` for every accepted connection, of the family it names.
     unsafe {
         let sa = c.sockaddr.cast_const();

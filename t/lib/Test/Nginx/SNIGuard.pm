@@ -235,7 +235,7 @@ sub client_hello ($port, %opts) {
     } elsif (exists $opts{ext}) {
         $server_name = _bytes('client_hello ext', $opts{ext});
     }
-    my $out = _client_hello_records($server_name);
+    my $out = ($opts{proxy} // '') . _client_hello_records($server_name);
 
     my $deadline = Time::HiRes::time() + $timeout;
     my $sock = IO::Socket::INET->new(
@@ -960,7 +960,8 @@ Exactly one of:
 =back
 
 and optionally C<< timeout => $seconds >> (default 5, covers connect, write
-and read).
+and read), and C<< proxy => $header >>, bytes sent before the hello (a PROXY
+protocol header for a C<listen ... proxy_protocol> port).
 
 The hello offers TLS 1.3 and 1.2 (suites 0x1301 0x1302 0x1303 0xc02f 0xc02b),
 x25519/secp256r1, five RSA/ECDSA signature schemes, psk_dhe_ke and an x25519
