@@ -6,8 +6,8 @@ use core::ptr;
 use std::sync::Arc;
 
 use nginx_sys::{
-    ngx_command_t, ngx_conf_enum_t, ngx_conf_full_name, ngx_conf_set_enum_slot,
-    ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_str_slot, ngx_conf_t, ngx_flag_t,
+    ngx_command_t, ngx_conf_enum_t, ngx_conf_full_name, ngx_conf_set_flag_slot,
+    ngx_conf_set_msec_slot, ngx_conf_set_str_slot, ngx_conf_t, ngx_flag_t,
     ngx_http_core_srv_conf_t, ngx_msec_t, ngx_parse_size, ngx_parse_time, ngx_shared_memory_add,
     ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS,
     NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
@@ -37,8 +37,15 @@ const REFRESH_INTERVAL: ngx_msec_t = 10_000;
 /// Longest `sni_guard_timeout`: a lookup on a miss blocks the worker for up to that long.
 const MAX_TIMEOUT: ngx_msec_t = 10_000;
 
+/// Longest `sni_guard_stale`: answers keep it in 32 bits of milliseconds.
+const MAX_STALE: ngx_msec_t = 49 * 24 * 3600 * 1000;
+
 /// Reply bodies longer than this are a lookup error.
 const MAX_REPLY_BODY: usize = 16 * 1024;
+
+/// Largest CA file read: a bundle of every public root is some 200 KB; more is not a CA file
+/// (and a device such as /dev/zero never ends).
+const MAX_CA_FILE: u64 = 4 * 1024 * 1024;
 
 /// Default of `sni_guard_breaker`: consecutive errors, and the cool-down in milliseconds.
 const DEFAULT_BREAKER: (u32, u64) = (5, 10_000);
@@ -72,6 +79,8 @@ pub struct MainConf {
 pub struct LocConf {
     /// The zone to purge; empty for every zone.
     pub purge_zone: ngx_str_t,
+    /// Where `sni_guard_purge` names it, for the error when no such zone exists.
+    pub purge_where: String,
 }
 
 /// What to do with a handshake that carries no server name.
@@ -270,7 +279,7 @@ pub static mut COMMANDS: [ngx_command_t; 19] = [
     ngx_command_t {
         name: ngx_string!("sni_guard_timeout"),
         type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_conf_set_msec_slot),
+        set: Some(cmd_set_timeout),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(SrvConf, timeout),
         post: ptr::null_mut(),
@@ -294,7 +303,7 @@ pub static mut COMMANDS: [ngx_command_t; 19] = [
     ngx_command_t {
         name: ngx_string!("sni_guard_no_sni"),
         type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_conf_set_enum_slot),
+        set: Some(cmd_set_enum),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(SrvConf, no_sni),
         post: ptr::addr_of_mut!(NO_SNI_VALUES) as *mut c_void,
@@ -302,7 +311,7 @@ pub static mut COMMANDS: [ngx_command_t; 19] = [
     ngx_command_t {
         name: ngx_string!("sni_guard_stale"),
         type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_conf_set_msec_slot),
+        set: Some(cmd_set_stale),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(SrvConf, stale),
         post: ptr::null_mut(),
@@ -326,7 +335,7 @@ pub static mut COMMANDS: [ngx_command_t; 19] = [
     ngx_command_t {
         name: ngx_string!("sni_guard_on_error"),
         type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_conf_set_enum_slot),
+        set: Some(cmd_set_enum),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(SrvConf, on_error),
         post: ptr::addr_of_mut!(ON_ERROR_VALUES) as *mut c_void,
@@ -334,7 +343,7 @@ pub static mut COMMANDS: [ngx_command_t; 19] = [
     ngx_command_t {
         name: ngx_string!("sni_guard_thread_pool"),
         type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_conf_set_str_slot),
+        set: Some(cmd_set_thread_pool),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(SrvConf, thread_pool_name),
         post: ptr::null_mut(),
@@ -350,7 +359,7 @@ pub static mut COMMANDS: [ngx_command_t; 19] = [
     ngx_command_t {
         name: ngx_string!("sni_guard_alert"),
         type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_conf_set_enum_slot),
+        set: Some(cmd_set_enum),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(SrvConf, alert),
         post: ptr::addr_of_mut!(ALERT_VALUES) as *mut c_void,
@@ -358,7 +367,7 @@ pub static mut COMMANDS: [ngx_command_t; 19] = [
     ngx_command_t {
         name: ngx_string!("sni_guard_log_level"),
         type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_conf_set_enum_slot),
+        set: Some(cmd_set_enum),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(SrvConf, log_level),
         post: ptr::addr_of_mut!(LOG_LEVELS) as *mut c_void,
@@ -416,8 +425,9 @@ pub unsafe extern "C" fn merge_loc_conf(
         ngx_log_error!(
             NGX_LOG_EMERG,
             unsafe { (*cf).log },
-            "unknown sni_guard_zone \"{}\" in \"sni_guard_purge\"",
-            conf.purge_zone
+            "unknown sni_guard_zone \"{}\" in \"sni_guard_purge\" in {}",
+            conf.purge_zone,
+            conf.purge_where
         );
         return NGX_CONF_ERROR;
     }
@@ -515,17 +525,6 @@ fn merge(conf: &mut SrvConf, prev: &SrvConf) {
 
 /// Checks a server where the guard is on and builds its lookup client.
 fn finish(cf: *mut ngx_conf_t, conf: &mut SrvConf, prev: &mut SrvConf) -> Result<(), String> {
-    if conf.timeout == 0 {
-        return Err("\"sni_guard_timeout\" must be more than 0".into());
-    }
-    // A miss blocks the worker for up to this long.
-    if conf.timeout > MAX_TIMEOUT {
-        return Err("\"sni_guard_timeout\" must not be more than 10s".into());
-    }
-    if conf.stale > u32::MAX as ngx_msec_t {
-        return Err("\"sni_guard_stale\" must be less than 49 days".into());
-    }
-
     let Some(zone) = (unsafe { conf.zone.as_mut() }) else {
         return Err("no \"sni_guard_zone\" is defined".into());
     };
@@ -554,6 +553,15 @@ fn finish(cf: *mut ngx_conf_t, conf: &mut SrvConf, prev: &mut SrvConf) -> Result
         }
     }
     ctx.url = Some(url.clone());
+
+    let certificate = conf.trusted_certificate.as_bytes();
+    if ctx.trusted_certificate.as_ref().is_some_and(|other| other != certificate) {
+        return Err(format!(
+            "zone \"{}\" is already used with another \"sni_guard_lookup_trusted_certificate\"",
+            ctx.name
+        ));
+    }
+    ctx.trusted_certificate = Some(certificate.to_vec());
 
     // The budget and the breaker are the zone's: one setting per zone.
     let breaker = conf.breaker;
@@ -632,7 +640,7 @@ fn build_client(
             return Err("could not resolve \"sni_guard_lookup_trusted_certificate\"".into());
         }
         let path = String::from_utf8_lossy(certificate.as_bytes()).into_owned();
-        let pem = std::fs::read(&path).map_err(|e| {
+        let pem = read_ca_file(&path).map_err(|e| {
             format!(
                 "cannot load \"sni_guard_lookup_trusted_certificate\" \"{path}\" {}",
                 os_error(&e)
@@ -672,20 +680,17 @@ extern "C" fn cmd_set_lookup(
     let url = match LookupUrl::parse(&text) {
         Ok(url) => url,
         Err(e) => {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid URL \"{text}\": {e}");
-            return NGX_CONF_ERROR;
+            return invalid(cf, format_args!("invalid URL \"{text}\": {e}"));
         }
     };
 
     let addrs = match url.resolve() {
         Ok(addrs) if !addrs.is_empty() => addrs,
         Ok(_) => {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "host not found in \"{text}\"");
-            return NGX_CONF_ERROR;
+            return invalid(cf, format_args!("host not found in \"{text}\""));
         }
         Err(e) => {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "host not found in \"{text}\": {e}");
-            return NGX_CONF_ERROR;
+            return invalid(cf, format_args!("host not found in \"{text}\": {e}"));
         }
     };
 
@@ -707,8 +712,7 @@ extern "C" fn cmd_set_zone(
 
     let bytes = value.as_bytes();
     let Some(colon) = bytes.iter().position(|&b| b == b':').filter(|&i| i > 0) else {
-        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid zone \"{value}\", expected NAME:SIZE");
-        return NGX_CONF_ERROR;
+        return invalid(cf, format_args!("invalid zone \"{value}\", expected NAME:SIZE"));
     };
 
     let mut name = ngx_str_t { len: colon, data: value.data };
@@ -718,18 +722,15 @@ extern "C" fn cmd_set_zone(
     // SAFETY: `size_text` points into the directive's argument.
     let size = unsafe { ngx_parse_size(&mut size_text) };
     if size == -1 {
-        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid zone size \"{value}\"");
-        return NGX_CONF_ERROR;
+        return invalid(cf, format_args!("invalid zone size \"{value}\""));
     }
     let size = size as usize;
 
     if size < zone::MIN_SIZE {
-        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "zone \"{name}\" is too small");
-        return NGX_CONF_ERROR;
+        return invalid(cf, format_args!("zone \"{name}\" is too small, the minimum is 64k"));
     }
     if size > zone::MAX_SIZE {
-        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "zone \"{name}\" is too large");
-        return NGX_CONF_ERROR;
+        return invalid(cf, format_args!("zone \"{name}\" is too large, the maximum is 4g"));
     }
 
     // SAFETY: the tag is the module's address, as nginx's own modules use; the zone is checked
@@ -790,38 +791,37 @@ extern "C" fn cmd_set_rate(
     }
 
     let Some(per_second_milli) = Rate::parse_per_second_milli(&words[0]) else {
-        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid rate \"{}\"", words[0]);
-        return NGX_CONF_ERROR;
+        return invalid(cf, format_args!("invalid rate \"{}\"", words[0]));
     };
     let mut rate = Rate { per_second_milli, burst: 0 };
     let mut per_client = None;
 
-    for word in &words[1..] {
+    for (i, word) in words.iter().enumerate().skip(1) {
+        let key = word.split('=').next().unwrap_or_default();
+        if words[1..i].iter().any(|w| w.split('=').next() == Some(key)) {
+            return invalid(cf, format_args!("duplicate parameter \"{key}\""));
+        }
         if let Some(burst) = word.strip_prefix("burst=") {
             match burst.parse::<u32>() {
                 Ok(burst) => rate.burst = burst.into(),
                 Err(_) => {
-                    ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid burst value \"{word}\"");
-                    return NGX_CONF_ERROR;
+                    return invalid(cf, format_args!("invalid burst value \"{word}\""));
                 }
             }
         } else if let Some(client) = word.strip_prefix("per_client=") {
             match Rate::parse_per_second_milli(client) {
                 Some(milli) => per_client = Some(milli),
                 None => {
-                    ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid per_client rate \"{word}\"");
-                    return NGX_CONF_ERROR;
+                    return invalid(cf, format_args!("invalid per_client rate \"{word}\""));
                 }
             }
         } else {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid parameter \"{word}\"");
-            return NGX_CONF_ERROR;
+            return invalid(cf, format_args!("invalid parameter \"{word}\""));
         }
     }
 
     if per_client.is_some_and(|milli| milli > rate.per_second_milli) {
-        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "per_client rate is more than the rate");
-        return NGX_CONF_ERROR;
+        return invalid(cf, format_args!("per_client rate is more than the rate"));
     }
 
     // A client's share has a burst in proportion to its rate, and of at least one.
@@ -860,29 +860,125 @@ extern "C" fn cmd_set_breaker(
                 .and_then(|e| e.parse::<u32>().ok())
                 .filter(|&e| e > 0);
             let Some(errors) = errors else {
-                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid number of errors \"{}\"", args[1]);
-                return NGX_CONF_ERROR;
+                return invalid(cf, format_args!("invalid number of errors \"{}\"", args[1]));
             };
             let mut text = *cooldown;
             // SAFETY: `text` is the directive's argument.
             let cooldown = unsafe { ngx_parse_time(&mut text, 0) };
             if cooldown <= 0 {
-                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid cool-down time \"{}\"", args[2]);
-                return NGX_CONF_ERROR;
+                return invalid(cf, format_args!("invalid cool-down time \"{}\"", args[2]));
             }
             conf.breaker = Some(BreakerSettings { errors, cooldown: cooldown as u64, ..off });
             NGX_CONF_OK
         }
-        _ => {
-            ngx_conf_log_error!(
-                NGX_LOG_EMERG,
-                cf,
+        _ => invalid(
+            cf,
+            format_args!(
                 "invalid value \"{}\", it must be \"off\" or a number of errors and a time",
                 args[1]
-            );
-            NGX_CONF_ERROR
+            ),
+        ),
+    }
+}
+
+/// One of the words the directive's table lists (its `post`); unlike nginx's enum slot, an
+/// unknown word is answered with the words that are known.
+extern "C" fn cmd_set_enum(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the directive, whose `offset` is of an ngx_uint_t field of `conf`
+    // and whose `post` is a table ended by an empty name, and its one word.
+    let (cmd, value) = unsafe { (&*cmd, arg(cf, 1)) };
+    let field = unsafe { &mut *conf.cast::<u8>().add(cmd.offset).cast::<ngx_uint_t>() };
+    let mut choices = Vec::new();
+    let mut entry = cmd.post.cast::<ngx_conf_enum_t>();
+    // SAFETY: see above; the table ends with an entry whose name is empty.
+    while let Some(e) = unsafe { entry.as_ref() }.filter(|e| !e.name.is_empty()) {
+        choices.push(e);
+        entry = unsafe { entry.add(1) };
+    }
+
+    if *field != NGX_CONF_UNSET_UINT {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    match choices.iter().find(|e| e.name.as_bytes().eq_ignore_ascii_case(value.as_bytes())) {
+        Some(e) => {
+            *field = e.value;
+            NGX_CONF_OK
+        }
+        None => {
+            let names: Vec<String> = choices.iter().map(|e| format!("\"{}\"", e.name)).collect();
+            let (last, rest) = names.split_last().map_or(("", &[][..]), |(l, r)| (l.as_str(), r));
+            invalid(
+                cf,
+                format_args!("invalid value \"{value}\", it must be {} or {last}", rest.join(", ")),
+            )
         }
     }
+}
+
+extern "C" fn cmd_set_timeout(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // A miss blocks the worker for up to this long.
+    set_msec_within(cf, cmd, conf, 1..=MAX_TIMEOUT, "more than 0 and at most 10s")
+}
+
+extern "C" fn cmd_set_stale(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_msec_within(cf, cmd, conf, 0..=MAX_STALE, "at most 49d")
+}
+
+/// nginx's time slot, and a range the time must be in.
+fn set_msec_within(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+    range: core::ops::RangeInclusive<ngx_msec_t>,
+    range_text: &str,
+) -> *mut c_char {
+    // SAFETY: nginx's own handler for the directive's ngx_msec_t field, which has no `post`.
+    let rv = unsafe { ngx_conf_set_msec_slot(cf, cmd, conf) };
+    if rv != NGX_CONF_OK {
+        return rv;
+    }
+    // SAFETY: the field `offset` names, just set.
+    let value = unsafe { *conf.cast::<u8>().add((*cmd).offset).cast::<ngx_msec_t>() };
+    if !range.contains(&value) {
+        return invalid(cf, format_args!("time must be {range_text}"));
+    }
+    NGX_CONF_OK
+}
+
+extern "C" fn cmd_set_thread_pool(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: the directive's one word.
+    if unsafe { arg(cf, 1) }.is_empty() {
+        return invalid(cf, format_args!("needs a thread pool's name"));
+    }
+    // SAFETY: nginx's own handler for the directive's ngx_str_t field.
+    let rv = unsafe { ngx_conf_set_str_slot(cf, cmd, conf) };
+    if rv != NGX_CONF_OK {
+        return rv;
+    }
+    // Registered here, so that nginx's "unknown thread pool" names this line; once the guard
+    // is on, the server finds the same pool again.
+    // SAFETY: `conf` is the server configuration; the name was just set from the directive.
+    let name = unsafe { &mut (*conf.cast::<SrvConf>()).thread_pool_name };
+    if unsafe { nginx_sys::ngx_thread_pool_add(cf, name) }.is_null() {
+        return NGX_CONF_ERROR;
+    }
+    NGX_CONF_OK
 }
 
 extern "C" fn cmd_set_allow(
@@ -899,8 +995,7 @@ extern "C" fn cmd_set_allow(
     for arg in &args[1..] {
         let text = String::from_utf8_lossy(arg.as_bytes());
         if let Err(e) = list.add(&text) {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid name \"{text}\": {e}");
-            return NGX_CONF_ERROR;
+            return invalid(cf, format_args!("invalid name \"{text}\": {e}"));
         }
     }
 
@@ -925,6 +1020,7 @@ extern "C" fn cmd_set_purge(
     let args = unsafe { (*(*cf).args).as_slice::<ngx_str_t>() };
     if let [_, zone] = args {
         conf.purge_zone = *zone;
+        conf.purge_where = parse_position(cf);
     }
     set_handler(cf, crate::status::purge_handler)
 }
@@ -938,11 +1034,45 @@ fn set_handler(
     let Some(clcf) = (unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) }) else {
         return NGX_CONF_ERROR;
     };
-    if clcf.handler.is_some() {
-        return c"is duplicate".as_ptr().cast_mut();
+    match clcf.handler {
+        Some(h) if core::ptr::fn_addr_eq(h, handler) => return c"is duplicate".as_ptr().cast_mut(),
+        Some(_) => {
+            return c"cannot be used with another content handler in one location"
+                .as_ptr()
+                .cast_mut()
+        }
+        None => {}
     }
     clcf.handler = Some(handler);
     NGX_CONF_OK
+}
+
+/// Fails a directive with an error that names it, as nginx names a directive whose handler
+/// returns an error.
+fn invalid(cf: *mut ngx_conf_t, what: core::fmt::Arguments) -> *mut c_char {
+    // SAFETY: called from a directive handler, whose directive name is word 0.
+    let name = unsafe { arg(cf, 0) };
+    ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"{name}\" directive {what}");
+    NGX_CONF_ERROR
+}
+
+/// `file:line` of the directive being parsed.
+fn parse_position(cf: *mut ngx_conf_t) -> String {
+    // SAFETY: a directive is always parsed from a configuration file.
+    let file = unsafe { &*(*cf).conf_file };
+    format!("{}:{}", String::from_utf8_lossy(file.file.name.as_bytes()), file.line)
+}
+
+/// Reads a CA file of at most [`MAX_CA_FILE`] bytes.
+fn read_ca_file(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+
+    let mut pem = Vec::new();
+    std::fs::File::open(path)?.take(MAX_CA_FILE + 1).read_to_end(&mut pem)?;
+    if pem.len() as u64 > MAX_CA_FILE {
+        return Err(std::io::Error::other("larger than 4 MB"));
+    }
+    Ok(pem)
 }
 
 /// An I/O error the way nginx prints one: "(2: No such file or directory)".

@@ -40,6 +40,8 @@ pub struct ZoneCtx {
     pub url: Option<LookupUrl>,
     pub rate: Option<(Option<Rate>, Option<Rate>)>,
     pub breaker: Option<BreakerSettings>,
+    /// The `sni_guard_lookup_trusted_certificate` of its servers, as written; empty for none.
+    pub trusted_certificate: Option<Vec<u8>>,
 }
 
 impl ZoneCtx {
@@ -49,6 +51,7 @@ impl ZoneCtx {
             url: None,
             rate: None,
             breaker: None,
+            trusted_certificate: None,
         }
     }
 }
