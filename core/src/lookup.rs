@@ -214,7 +214,8 @@ impl LookupUrl {
 
     /// The URL to request for `name`: the query gains `domain=<name percent-encoded>`.
     pub fn request_url(&self, name: &str) -> String {
-        let separator = match self.path_and_query.rfind('?') {
+        // The query starts at the first '?'; a later one is part of it.
+        let separator = match self.path_and_query.find('?') {
             None => "?",
             Some(i) if i + 1 == self.path_and_query.len() => "",
             Some(_) if self.path_and_query.ends_with('&') => "",
@@ -1069,6 +1070,8 @@ mod tests {
             ("http://ask.local/check?k=v", "a.b", "http://ask.local/check?k=v&domain=a.b"),
             ("http://ask.local/check?", "a.b", "http://ask.local/check?domain=a.b"),
             ("http://ask.local/check?k=v&", "a.b", "http://ask.local/check?k=v&domain=a.b"),
+            ("http://ask.local/check?k=v?", "a.b", "http://ask.local/check?k=v?&domain=a.b"),
+            ("http://ask.local/check??", "a.b", "http://ask.local/check??&domain=a.b"),
             ("http://ask.local?k=v", "a.b", "http://ask.local/?k=v&domain=a.b"),
             ("http://ask.local:80/c", "a.b", "http://ask.local/c?domain=a.b"),
             ("https://ask.local:443/c", "a.b", "https://ask.local/c?domain=a.b"),

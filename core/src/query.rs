@@ -26,14 +26,38 @@ pub fn percent_decode(raw: &[u8]) -> Vec<u8> {
 
 /// Whether a query has a parameter that a lookup service could read as `domain`: the module
 /// appends its own, and a service that takes the first of two would answer for the wrong name.
-/// Web frameworks differ in what they take for a parameter's name, so any spelling that one of
-/// them reads as `domain` counts: `;` as a separator, escapes, letter case, spaces around it.
+/// Web frameworks differ in what they take for a parameter's name - `;` as a separator,
+/// escapes, letter case, a leading `?`, brackets for arrays (`domain[]`) - so a name counts
+/// when its letters and digits alone, decoded, spell `domain`. That refuses some names no
+/// framework reads so (`do-main`); a lookup URL can do without them.
 pub fn has_domain_parameter(query: &str) -> bool {
     query.split(['&', ';']).any(|param| {
         let name = param.split('=').next().unwrap_or_default();
-        let name = percent_decode(name.replace('+', " ").as_bytes());
-        name.trim_ascii().eq_ignore_ascii_case(b"domain")
+        let name = without_indexes(&percent_decode(name.as_bytes()));
+        let letters = name.iter().filter(|b| b.is_ascii_alphanumeric());
+        letters.map(u8::to_ascii_lowercase).eq(b"domain".iter().copied())
     })
+}
+
+/// A parameter name without its array indexes, `[]` and `[0]`, which array-aware parsers
+/// (PHP, Rails, Node's `qs`) strip from the name they report.
+fn without_indexes(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len());
+    let mut rest = name;
+    while let Some((&first, tail)) = rest.split_first() {
+        let index = (first == b'[')
+            .then(|| tail.iter().position(|&b| b == b']'))
+            .flatten()
+            .filter(|&end| tail[..end].iter().all(u8::is_ascii_digit));
+        match index {
+            Some(end) => rest = &tail[end + 1..],
+            None => {
+                out.push(first);
+                rest = tail;
+            }
+        }
+    }
+    out
 }
 
 /// What a purge request asks to remove.
@@ -122,7 +146,17 @@ mod tests {
             ("+domain=x", true),
             ("%20domain%20=x", true),
             ("domain", true),
+            ("?domain=x", true),
+            ("domain%5B%5D=x", true),
+            ("domain%5B0%5D=x", true),
+            ("%5Bdomain%5D=x", true),
+            ("domain%00=x", true),
+            ("domain.=x", true),
+            ("do-main=x", true),
             ("a=domain", false),
+            ("domain0=x", false),
+            ("domain%5Bx%5D=y", false),
+            ("%5B%5D=x", false),
             ("domains=x", false),
             ("my_domain=x", false),
             ("do%6dain2=x", false),
