@@ -83,7 +83,7 @@ lookup_conf($d, registered => [ 'leaving.example.com', 'kept.example.com' ]);
 $t->run_daemon(\&lookup_daemon, port(8081), $d);
 $t->waitforfile("$d/lookup.pid") or die "lookup service did not start";
 
-$t->plan(21)->run();
+$t->plan(22)->run();
 
 ###############################################################################
 
@@ -126,6 +126,7 @@ is(purge('?name=bad_name.example'), 400, 'purge of an invalid name: 400');
 
 is(purge('?domain=new.example.com'), 400, 'purge with another parameter: 400');
 is(purge('?name'), 400, 'purge with a name without a value: 400');
+is(purge('?&'), 400, 'purge with a query of separators only: 400');
 is(purge('?name=new.example.com&name=kept.example.com'), 400, 'purge of two names: 400');
 outcome($guard, 'new.example.com');
 is(lookup_count($d, 'new.example.com'), 2, 'refused purges removed nothing');

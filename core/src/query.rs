@@ -73,6 +73,8 @@ pub enum PurgeTarget {
 /// refused rather than read as "everything": a misspelt parameter must not empty the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PurgeError {
+    /// A query of separators only, as a script that joined empty parameters sends.
+    Empty,
     /// A parameter other than `name`.
     Unknown(String),
     /// `name` without `=`.
@@ -84,6 +86,7 @@ pub enum PurgeError {
 impl fmt::Display for PurgeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            PurgeError::Empty => f.write_str("a query without parameters"),
             PurgeError::Unknown(p) => write!(f, "unknown parameter \"{p}\", expected \"name\""),
             PurgeError::NoValue => f.write_str("\"name\" without a value"),
             PurgeError::Repeated => f.write_str("\"name\" given more than once"),
@@ -93,7 +96,8 @@ impl fmt::Display for PurgeError {
 
 impl std::error::Error for PurgeError {}
 
-/// Reads a purge request's query (without the `?`): empty parts, as in `a=1&&`, are skipped.
+/// Reads a purge request's query (without the `?`): empty parts, as in `name=a&&`, are
+/// skipped, but a query that is nothing else is refused; only no query at all means everything.
 pub fn purge_target(query: &[u8]) -> Result<PurgeTarget, PurgeError> {
     let mut target = PurgeTarget::All;
     for param in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
@@ -109,6 +113,9 @@ pub fn purge_target(query: &[u8]) -> Result<PurgeTarget, PurgeError> {
             return Err(PurgeError::Repeated);
         }
         target = PurgeTarget::One(percent_decode(value));
+    }
+    if target == PurgeTarget::All && !query.is_empty() {
+        return Err(PurgeError::Empty);
     }
     Ok(target)
 }
@@ -172,7 +179,8 @@ mod tests {
     fn purge_takes_nothing_or_one_name() {
         let cases: &[(&[u8], Result<PurgeTarget, PurgeError>)] = &[
             (b"", Ok(PurgeTarget::All)),
-            (b"&", Ok(PurgeTarget::All)),
+            (b"&", Err(PurgeError::Empty)),
+            (b"&&&", Err(PurgeError::Empty)),
             (b"name=a.example", Ok(PurgeTarget::One(b"a.example".to_vec()))),
             (b"name=A%2Eexample", Ok(PurgeTarget::One(b"A.example".to_vec()))),
             (b"&name=a.example&", Ok(PurgeTarget::One(b"a.example".to_vec()))),
