@@ -26,7 +26,7 @@ pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
         let previous = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
             if CATCHING.get() {
-                let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line()));
+                let at = info.location().map(|l| format!(" at {}:{}", short(l.file()), l.line()));
                 let text = format!("{}{}", payload_text(info.payload()), at.unwrap_or_default());
                 MESSAGE.set(Some(text));
             } else {
@@ -42,6 +42,13 @@ pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     result.map_err(|payload| {
         MESSAGE.take().unwrap_or_else(|| payload_text(payload.as_ref()).to_owned())
     })
+}
+
+/// The last three parts of a source path, `crate-1.0/src/file.rs`: where the build ran is no
+/// one's business in a log.
+fn short(path: &str) -> &str {
+    let cut = path.char_indices().rev().filter(|&(_, c)| c == '/').nth(2);
+    cut.map_or(path, |(i, _)| &path[i + 1..])
 }
 
 fn payload_text(payload: &(dyn Any + Send)) -> &str {
@@ -74,6 +81,23 @@ mod tests {
                 }
                 (got, want) => panic!("{got:?}, want {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn paths_are_shortened() {
+        let cases = [
+            (
+                "/root/.cargo/registry/src/x/ureq-proto-0.5.3/src/parser.rs",
+                "ureq-proto-0.5.3/src/parser.rs",
+            ),
+            ("core/src/panics.rs", "core/src/panics.rs"),
+            ("src/panics.rs", "src/panics.rs"),
+            ("panics.rs", "panics.rs"),
+            ("", ""),
+        ];
+        for (path, want) in cases {
+            assert_eq!(short(path), want, "{path}");
         }
     }
 
