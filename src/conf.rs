@@ -74,14 +74,18 @@ pub struct MainConf {
     pub lua_handler: Option<crate::lua::ClientHelloFn>,
 }
 
-/// Configuration of a location: what `sni_guard_purge` purges.
+/// Configuration of a location: which of the module's handlers it has, and what
+/// `sni_guard_purge` purges.
 #[derive(Default)]
 pub struct LocConf {
+    /// `sni_guard_status` or `sni_guard_purge`, and where it was written.
+    pub handler: Option<(&'static str, String)>,
     /// The zone to purge; empty for every zone.
     pub purge_zone: ngx_str_t,
-    /// Where `sni_guard_purge` names it, for the error when no such zone exists.
-    pub purge_where: String,
 }
+
+type ContentHandler =
+    unsafe extern "C" fn(*mut nginx_sys::ngx_http_request_t) -> nginx_sys::ngx_int_t;
 
 /// What to do with a handshake that carries no server name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,7 +267,7 @@ pub static mut COMMANDS: [ngx_command_t; 19] = [
     ngx_command_t {
         name: ngx_string!("sni_guard_lookup_trusted_certificate"),
         type_: HTTP_SRV | NGX_CONF_TAKE1 as ngx_uint_t,
-        set: Some(ngx_conf_set_str_slot),
+        set: Some(cmd_set_file),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(SrvConf, trusted_certificate),
         post: ptr::null_mut(),
@@ -403,7 +407,9 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     pool.allocate(LocConf::default()).cast()
 }
 
-/// Checks that a purged zone exists, once every zone of the http block is known.
+/// Checks that the location's handler is still the module's (a later `proxy_pass` and the
+/// like replace it silently), and that a purged zone exists, once every zone of the http block
+/// is known.
 pub unsafe extern "C" fn merge_loc_conf(
     cf: *mut ngx_conf_t,
     _parent: *mut c_void,
@@ -411,6 +417,25 @@ pub unsafe extern "C" fn merge_loc_conf(
 ) -> *mut c_char {
     // SAFETY: nginx passes the configuration `create_loc_conf` made.
     let conf = unsafe { &*child.cast::<LocConf>() };
+    let Some((directive, position)) = &conf.handler else {
+        return NGX_CONF_OK;
+    };
+
+    // SAFETY: while locations are merged, `cf->ctx` holds the location's configurations.
+    let Some(clcf) = (unsafe { NgxHttpCoreModule::location_conf(&*cf) }) else {
+        return NGX_CONF_ERROR;
+    };
+    let ours: [ContentHandler; 2] = [crate::status::status_handler, crate::status::purge_handler];
+    if !clcf.handler.is_some_and(|h| ours.iter().any(|&o| core::ptr::fn_addr_eq(h, o))) {
+        ngx_log_error!(
+            NGX_LOG_EMERG,
+            unsafe { (*cf).log },
+            "\"{directive}\" cannot be used with another content handler in one location in \
+             {position}"
+        );
+        return NGX_CONF_ERROR;
+    }
+
     if conf.purge_zone.is_empty() {
         return NGX_CONF_OK;
     }
@@ -425,9 +450,8 @@ pub unsafe extern "C" fn merge_loc_conf(
         ngx_log_error!(
             NGX_LOG_EMERG,
             unsafe { (*cf).log },
-            "unknown sni_guard_zone \"{}\" in \"sni_guard_purge\" in {}",
-            conf.purge_zone,
-            conf.purge_where
+            "unknown sni_guard_zone \"{}\" in \"sni_guard_purge\" in {position}",
+            conf.purge_zone
         );
         return NGX_CONF_ERROR;
     }
@@ -957,6 +981,20 @@ fn set_msec_within(
     NGX_CONF_OK
 }
 
+/// nginx's string slot for a file name, which must not be empty.
+extern "C" fn cmd_set_file(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: the directive's one word.
+    if unsafe { arg(cf, 1) }.is_empty() {
+        return invalid(cf, format_args!("needs a file name"));
+    }
+    // SAFETY: nginx's own handler for the directive's ngx_str_t field.
+    unsafe { ngx_conf_set_str_slot(cf, cmd, conf) }
+}
+
 extern "C" fn cmd_set_thread_pool(
     cf: *mut ngx_conf_t,
     cmd: *mut ngx_command_t,
@@ -1005,9 +1043,11 @@ extern "C" fn cmd_set_allow(
 extern "C" fn cmd_set_status(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
-    _conf: *mut c_void,
+    conf: *mut c_void,
 ) -> *mut c_char {
-    set_handler(cf, crate::status::status_handler)
+    // SAFETY: nginx passes the location configuration.
+    let conf = unsafe { &mut *conf.cast::<LocConf>() };
+    set_handler(cf, conf, "sni_guard_status", crate::status::status_handler)
 }
 
 extern "C" fn cmd_set_purge(
@@ -1019,16 +1059,20 @@ extern "C" fn cmd_set_purge(
     let conf = unsafe { &mut *conf.cast::<LocConf>() };
     let args = unsafe { (*(*cf).args).as_slice::<ngx_str_t>() };
     if let [_, zone] = args {
+        if zone.is_empty() {
+            return invalid(cf, format_args!("needs a zone's name, or none for every zone"));
+        }
         conf.purge_zone = *zone;
-        conf.purge_where = parse_position(cf);
     }
-    set_handler(cf, crate::status::purge_handler)
+    set_handler(cf, conf, "sni_guard_purge", crate::status::purge_handler)
 }
 
 /// Makes a content handler the handler of the location being parsed.
 fn set_handler(
     cf: *mut ngx_conf_t,
-    handler: unsafe extern "C" fn(*mut nginx_sys::ngx_http_request_t) -> nginx_sys::ngx_int_t,
+    conf: &mut LocConf,
+    directive: &'static str,
+    handler: ContentHandler,
 ) -> *mut c_char {
     // SAFETY: location directives are parsed with the location's context in `cf`.
     let Some(clcf) = (unsafe { NgxHttpCoreModule::location_conf_mut(&*cf) }) else {
@@ -1044,6 +1088,7 @@ fn set_handler(
         None => {}
     }
     clcf.handler = Some(handler);
+    conf.handler = Some((directive, parse_position(cf)));
     NGX_CONF_OK
 }
 
@@ -1067,6 +1112,10 @@ fn parse_position(cf: *mut ngx_conf_t) -> String {
 fn read_ca_file(path: &str) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
 
+    // Only a regular file: opening a FIFO would wait for a writer, with nginx -t or a reload.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
     let mut pem = Vec::new();
     std::fs::File::open(path)?.take(MAX_CA_FILE + 1).read_to_end(&mut pem)?;
     if pem.len() as u64 > MAX_CA_FILE {

@@ -207,6 +207,13 @@ my @cases = (
 	[ 'server', "sni_guard on; $ready sni_guard_lookup_trusted_certificate key.pem;",
 		'(?=.*@dir/key\.pem).*private key.* for "sni_guard" in @server-block',
 		'trusted certificate file with a private key only' ],
+	[ 'server', "sni_guard on; $ready sni_guard_lookup_trusted_certificate fifo.pem;",
+		'cannot load "sni_guard_lookup_trusted_certificate" "@dir/fifo\.pem"'
+		. ' \(not a regular file\) for "sni_guard" in @server-block',
+		'trusted certificate file that is a FIFO: refused, not waited on' ],
+	[ 'server', 'sni_guard_lookup_trusted_certificate "";',
+		'"sni_guard_lookup_trusted_certificate" directive needs a file name in @server',
+		'trusted certificate file with an empty name' ],
 
 	# reliability
 
@@ -221,6 +228,10 @@ my @cases = (
 		'"sni_guard_lookup" directive invalid URL "http://127\.0\.0\.1:\d+/check\?k=v;%64omain=x": the module adds the'
 		. ' "domain" parameter itself in @server',
 		'sni_guard_lookup with a domain parameter spelt otherwise' ],
+	[ 'server', 'sni_guard_lookup "http://127.0.0.1:%%PORT_8081%%/check??domain%5B%5D=x";',
+		'"sni_guard_lookup" directive invalid URL "http://127\.0\.0\.1:\d+/check\?\?domain%5B%5D=x":'
+		. ' the module adds the "domain" parameter itself in @server',
+		'sni_guard_lookup with a domain array after a second question mark' ],
 	[ 'server', 'sni_guard_stale 50d;',
 		'"sni_guard_stale" directive time must be at most 49d in @server',
 		'sni_guard_stale over 49 days' ],
@@ -309,6 +320,13 @@ my @cases = (
 		'"sni_guard_purge" directive cannot be used with another content handler in one'
 		. ' location in @location',
 		'sni_guard_status and sni_guard_purge in one location' ],
+	[ 'location', 'sni_guard_purge; proxy_pass http://127.0.0.1:%%PORT_8082%%;',
+		'"sni_guard_purge" cannot be used with another content handler in one location'
+		. ' in @location',
+		'sni_guard_purge replaced by a later proxy_pass' ],
+	[ 'location', 'sni_guard_purge "";',
+		'"sni_guard_purge" directive needs a zone\'s name, or none for every zone in @location',
+		'sni_guard_purge of a zone with an empty name' ],
 	[ 'location', 'sni_guard_purge; sni_guard_purge;',
 		'"sni_guard_purge" directive is duplicate in @location',
 		'sni_guard_purge twice in one location' ],
@@ -354,6 +372,7 @@ make_cert($d, 'localhost');
 make_cert($d, 'demo');
 $t->write_file('text.pem', "not a certificate\n");
 $t->write_file('key.pem', $t->read_file('localhost.key'));
+POSIX::mkfifo("$d/fifo.pem", 0600) or die "Can't make $d/fifo.pem: $!";
 
 $t->plan(2 * @cases + 4);
 
