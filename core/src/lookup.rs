@@ -94,6 +94,8 @@ pub enum UrlError {
     BadPath,
     /// A `domain` parameter in the query, which the module adds itself.
     DomainParameter,
+    /// More query parameters than parsers may read before the module's own.
+    TooManyParameters,
     /// The host name did not resolve.
     Resolve(String),
     /// The host name resolved to no address.
@@ -118,6 +120,9 @@ impl fmt::Display for UrlError {
             UrlError::BadPath => f.write_str("bad character in url path or query"),
             UrlError::DomainParameter => {
                 f.write_str("the module adds the \"domain\" parameter itself")
+            }
+            UrlError::TooManyParameters => {
+                write!(f, "more than {} query parameters", query::MAX_QUERY_PARAMETERS)
             }
             UrlError::Resolve(m) => write!(f, "cannot resolve url host: {m}"),
             UrlError::NoAddress => f.write_str("url host resolved to no address"),
@@ -199,8 +204,13 @@ impl LookupUrl {
         if !valid_path_and_query(&path_and_query) {
             return Err(UrlError::BadPath);
         }
-        if path_and_query.split_once('?').is_some_and(|(_, q)| query::has_domain_parameter(q)) {
-            return Err(UrlError::DomainParameter);
+        if let Some((_, q)) = path_and_query.split_once('?') {
+            if query::has_domain_parameter(q) {
+                return Err(UrlError::DomainParameter);
+            }
+            if query::parameter_count(q) > query::MAX_QUERY_PARAMETERS {
+                return Err(UrlError::TooManyParameters);
+            }
         }
         Ok(LookupUrl {
             original: s.to_owned(),
@@ -998,6 +1008,7 @@ mod tests {
     #[test]
     fn bad_urls() {
         let long = format!("http://example.com/{}", "a".repeat(MAX_URL_LEN));
+        let many_parameters = format!("http://example.com/c?{}", "a&".repeat(101));
         let cases: &[(&str, UrlError)] = &[
             ("", UrlError::NoScheme),
             ("example.com", UrlError::NoScheme),
@@ -1055,6 +1066,7 @@ mod tests {
             ("http://example.com/%zz", UrlError::BadPath),
             ("http://example.com/c?domain=a.example", UrlError::DomainParameter),
             ("http://example.com/c?k=v;%64omain=a.example", UrlError::DomainParameter),
+            (many_parameters.as_str(), UrlError::TooManyParameters),
             (long.as_str(), UrlError::TooLong),
         ];
         for (input, want) in cases {

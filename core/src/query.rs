@@ -25,39 +25,31 @@ pub fn percent_decode(raw: &[u8]) -> Vec<u8> {
 }
 
 /// Whether a query has a parameter that a lookup service could read as `domain`: the module
-/// appends its own, and a service that takes the first of two would answer for the wrong name.
-/// Web frameworks differ in what they take for a parameter's name - `;` as a separator,
-/// escapes, letter case, a leading `?`, brackets for arrays (`domain[]`) - so a name counts
-/// when its letters and digits alone, decoded, spell `domain`. That refuses some names no
-/// framework reads so (`do-main`); a lookup URL can do without them.
+/// appends its own, and a service that takes the first of two, or an array or object made of
+/// both, would answer for the wrong name. Web frameworks differ in what they take for a
+/// parameter's name - `;` as a separator, escapes, letter case, a leading `?`, brackets and
+/// dots for arrays and objects (`domain[]`, `domain[x]`, `domain.x`), Unicode case folding -
+/// so a name counts when, decoded, it has non-ASCII bytes, or `domain` as a word of its own
+/// between any characters but letters and digits. That refuses some names no framework reads
+/// so (`my_domain`); a lookup URL can do without them.
 pub fn has_domain_parameter(query: &str) -> bool {
     query.split(['&', ';']).any(|param| {
         let name = param.split('=').next().unwrap_or_default();
-        let name = without_indexes(&percent_decode(name.as_bytes()));
-        let letters = name.iter().filter(|b| b.is_ascii_alphanumeric());
-        letters.map(u8::to_ascii_lowercase).eq(b"domain".iter().copied())
+        let name = percent_decode(name.as_bytes());
+        !name.is_ascii()
+            || name
+                .split(|b| !b.is_ascii_alphanumeric())
+                .any(|word| word.eq_ignore_ascii_case(b"domain"))
     })
 }
 
-/// A parameter name without its array indexes, `[]` and `[0]`, which array-aware parsers
-/// (PHP, Rails, Node's `qs`) strip from the name they report.
-fn without_indexes(name: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(name.len());
-    let mut rest = name;
-    while let Some((&first, tail)) = rest.split_first() {
-        let index = (first == b'[')
-            .then(|| tail.iter().position(|&b| b == b']'))
-            .flatten()
-            .filter(|&end| tail[..end].iter().all(u8::is_ascii_digit));
-        match index {
-            Some(end) => rest = &tail[end + 1..],
-            None => {
-                out.push(first);
-                rest = tail;
-            }
-        }
-    }
-    out
+/// How many parameters a lookup URL's query may have: parsers stop at a limit (Node's `qs` at
+/// 1000), and the module's own parameter, appended last, must not fall beyond it.
+pub const MAX_QUERY_PARAMETERS: usize = 100;
+
+/// The number of parameters of a query, `&` or `;` separated.
+pub fn parameter_count(query: &str) -> usize {
+    query.split(['&', ';']).filter(|p| !p.is_empty()).count()
 }
 
 /// What a purge request asks to remove.
@@ -159,13 +151,18 @@ mod tests {
             ("%5Bdomain%5D=x", true),
             ("domain%00=x", true),
             ("domain.=x", true),
-            ("do-main=x", true),
+            ("domain%5Bx%5D=y", true),
+            ("domain.x=y", true),
+            ("my_domain=x", true),
+            ("doma%C4%B1n=x", true),
+            ("DOMA%C4%B0N=x", true),
+            ("%C3%A9=x", true),
+            ("do-main=x", false),
             ("a=domain", false),
             ("domain0=x", false),
-            ("domain%5Bx%5D=y", false),
             ("%5B%5D=x", false),
+            ("domainname=x", false),
             ("domains=x", false),
-            ("my_domain=x", false),
             ("do%6dain2=x", false),
             ("", false),
             ("k=v&", false),
