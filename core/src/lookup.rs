@@ -94,6 +94,8 @@ pub enum UrlError {
     BadPath,
     /// A `domain` parameter in the query, which the module adds itself.
     DomainParameter,
+    /// A query parameter whose name is not ASCII.
+    NonAsciiParameter,
     /// More query parameters than parsers may read before the module's own.
     TooManyParameters,
     /// The host name did not resolve.
@@ -121,6 +123,9 @@ impl fmt::Display for UrlError {
             UrlError::DomainParameter => {
                 f.write_str("the module adds the \"domain\" parameter itself")
             }
+            UrlError::NonAsciiParameter => f.write_str(
+                "a query parameter name outside ASCII, which a service may read as \"domain\"",
+            ),
             UrlError::TooManyParameters => {
                 write!(f, "more than {} query parameters", query::MAX_QUERY_PARAMETERS)
             }
@@ -207,6 +212,9 @@ impl LookupUrl {
         if let Some((_, q)) = path_and_query.split_once('?') {
             if query::has_domain_parameter(q) {
                 return Err(UrlError::DomainParameter);
+            }
+            if query::has_non_ascii_parameter(q) {
+                return Err(UrlError::NonAsciiParameter);
             }
             if query::parameter_count(q) > query::MAX_QUERY_PARAMETERS {
                 return Err(UrlError::TooManyParameters);
@@ -1066,6 +1074,7 @@ mod tests {
             ("http://example.com/%zz", UrlError::BadPath),
             ("http://example.com/c?domain=a.example", UrlError::DomainParameter),
             ("http://example.com/c?k=v;%64omain=a.example", UrlError::DomainParameter),
+            ("http://example.com/c?DOMA%C4%B0N=a.example", UrlError::NonAsciiParameter),
             (many_parameters.as_str(), UrlError::TooManyParameters),
             (long.as_str(), UrlError::TooLong),
         ];
