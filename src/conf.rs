@@ -960,6 +960,21 @@ extern "C" fn cmd_set_stale(
     set_msec_within(cf, cmd, conf, 0..=MAX_STALE, "at most 49d")
 }
 
+/// nginx's string slot, for a name that must not be empty.
+fn set_name(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+    what: &str,
+) -> *mut c_char {
+    // SAFETY: the directive's one word.
+    if unsafe { arg(cf, 1) }.is_empty() {
+        return invalid(cf, format_args!("needs {what}"));
+    }
+    // SAFETY: nginx's own handler for the directive's ngx_str_t field.
+    unsafe { ngx_conf_set_str_slot(cf, cmd, conf) }
+}
+
 /// nginx's time slot, and a range the time must be in.
 fn set_msec_within(
     cf: *mut ngx_conf_t,
@@ -981,18 +996,12 @@ fn set_msec_within(
     NGX_CONF_OK
 }
 
-/// nginx's string slot for a file name, which must not be empty.
 extern "C" fn cmd_set_file(
     cf: *mut ngx_conf_t,
     cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: the directive's one word.
-    if unsafe { arg(cf, 1) }.is_empty() {
-        return invalid(cf, format_args!("needs a file name"));
-    }
-    // SAFETY: nginx's own handler for the directive's ngx_str_t field.
-    unsafe { ngx_conf_set_str_slot(cf, cmd, conf) }
+    set_name(cf, cmd, conf, "a file name")
 }
 
 extern "C" fn cmd_set_thread_pool(
@@ -1000,12 +1009,7 @@ extern "C" fn cmd_set_thread_pool(
     cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: the directive's one word.
-    if unsafe { arg(cf, 1) }.is_empty() {
-        return invalid(cf, format_args!("needs a thread pool's name"));
-    }
-    // SAFETY: nginx's own handler for the directive's ngx_str_t field.
-    let rv = unsafe { ngx_conf_set_str_slot(cf, cmd, conf) };
+    let rv = set_name(cf, cmd, conf, "a thread pool's name");
     if rv != NGX_CONF_OK {
         return rv;
     }
